@@ -1,0 +1,23 @@
+"""Batching: right padding, labels -100 on padding, every image of every sample in one packed tensor."""
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from replace_file.modeling_minicpmv import pack_pixel_strips
+
+from .conversation import IGNORE_INDEX
+
+
+def collate(examples, pad_token_id=0):
+    """Examples from `encode_conversation` -> model keyword arguments. Images are packed in sample order
+    (source then slices), so `image_bound[b]` lines up with them; `pixel_values` is None without images."""
+    strips = [s for ex in examples for s in ex["pixel_values"]]
+    input_ids = pad_sequence([ex["input_ids"] for ex in examples], batch_first=True, padding_value=pad_token_id)
+    lengths = torch.tensor([len(ex["input_ids"]) for ex in examples])
+    return dict(
+        input_ids=input_ids,
+        attention_mask=(torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long(),
+        labels=pad_sequence([ex["labels"] for ex in examples], batch_first=True, padding_value=IGNORE_INDEX),
+        pixel_values=pack_pixel_strips(strips) if strips else None,
+        tgt_sizes=torch.cat([ex["tgt_sizes"] for ex in examples]).to(torch.int32) if strips else None,
+        image_bound=[ex["image_bound"] for ex in examples],
+    )

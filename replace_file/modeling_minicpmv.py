@@ -1,0 +1,279 @@
+"""MiniCPM-Llama3-V 2.5: SigLIP vision tower (transformers' Idefics2) -> perceiver resampler -> Llama-3.
+
+Loads the official checkpoint unchanged (`llm.*`, `vpm.*`, `resampler.*`) and computes what the official
+remote code computes, including two behaviours the released weights were trained with: every image is fed
+to the vision tower as one 14-pixel-high strip of patches, and the patch mask is all true, so position ids
+are the strip's columns bucketed into 70 and padded patches are attended to.
+
+`forward` takes standard keyword arguments and, given `labels` (Hugging Face convention: shifted inside),
+computes the loss from the hidden states of supervised positions only, never materialising full logits.
+"""
+import json
+from copy import deepcopy
+from functools import lru_cache
+from threading import Thread
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import LlamaForCausalLM, PreTrainedModel, TextIteratorStreamer
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
+
+from .configuration_minicpm import MiniCPMVConfig
+from .image_processing_minicpmv import image_bounds, process_image
+from .resampler import Resampler, ResamplerAttention
+from .tokenization_minicpmv_fast import MiniCPMVTokenizerFast, PreTrainedTokenizerFastWrapper  # noqa: F401 (auto_map)
+
+IGNORE_INDEX = -100
+
+
+@lru_cache(maxsize=64)
+def _strip_position_ids(rows, cols, num_patches_per_side):
+    """Position ids of a rows x cols patch grid exactly as transformers 4.40's Idefics2 computed them."""
+    boundaries = torch.arange(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side)
+    frac_h = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(rows))
+    frac_w = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(cols))
+    bucket_h = torch.bucketize(frac_h, boundaries, right=True)
+    bucket_w = torch.bucketize(frac_w, boundaries, right=True)
+    return (bucket_h[:, None] * num_patches_per_side + bucket_w).flatten()
+
+
+class StripVisionEmbeddings(Idefics2VisionEmbeddings):
+    """Idefics2 patch + position embeddings with the position ids computed as in transformers 4.40
+    (later releases compute the fractional coordinates differently, e.g. in the pixel dtype)."""
+
+    def forward(self, pixel_values, patch_attention_mask):
+        batch, _, height, width = pixel_values.shape
+        embeddings = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        flat_mask = patch_attention_mask.view(batch, -1)
+        position_ids = torch.zeros(flat_mask.shape, dtype=torch.long)
+        grids = torch.stack([patch_attention_mask[:, :, 0].sum(1), patch_attention_mask[:, 0, :].sum(1)], 1).cpu()
+        for i, (rows, cols) in enumerate(grids.tolist()):
+            position_ids[i, flat_mask[i].cpu()] = _strip_position_ids(rows, cols, self.num_patches_per_side)
+        return embeddings + self.position_embedding(position_ids.to(embeddings.device))
+
+
+def pack_pixel_strips(strips):
+    """Right-zero-pad [3, P, L*P] strips to the longest and stack: [N, 3, P, Lmax*P]."""
+    longest = max(s.shape[-1] for s in strips)
+    return torch.stack([F.pad(s, (0, longest - s.shape[-1])) for s in strips])
+
+
+class MiniCPMV(PreTrainedModel):
+    config_class = MiniCPMVConfig
+    config: MiniCPMVConfig
+    base_model_prefix = "llm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "Idefics2EncoderLayer", "Resampler"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.llm = LlamaForCausalLM(config)
+        vision_config = config.vision_config
+        vision_config._attn_implementation = config._attn_implementation
+        self.vpm = Idefics2VisionTransformer(vision_config)
+        self.vpm.embeddings = StripVisionEmbeddings(vision_config)
+        if config.drop_vision_last_layer:
+            self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
+        self.resampler = Resampler(num_queries=config.query_num, embed_dim=config.hidden_size,
+                                   num_heads=config.hidden_size // 128, kv_dim=vision_config.hidden_size)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, Resampler):
+            init.trunc_normal_(module.query, std=0.02)
+            init.normal_(module.proj, std=module.embed_dim ** -0.5)
+        elif isinstance(module, ResamplerAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+        else:
+            super()._init_weights(module)
+
+    # peft / Trainer accessors
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.llm.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.llm.set_output_embeddings(value)
+
+    # ---- vision ---------------------------------------------------------------------------------------
+    def get_vision_embedding(self, pixel_values, tgt_sizes):
+        """[N, 3, P, Lmax*P] strips + [N, 2] patch grids -> [N, query_num, hidden] image features."""
+        dtype = self.vpm.embeddings.patch_embedding.weight.dtype
+        n_patches = pixel_values.shape[-1] // self.config.patch_size
+        # The official 2.5 mask: all true (its per-image masking indexes the wrong dimension).
+        patch_mask = torch.ones(pixel_values.shape[0], 1, n_patches, dtype=torch.bool, device=pixel_values.device)
+        hidden = self.vpm(pixel_values.to(dtype), patch_attention_mask=patch_mask).last_hidden_state
+        return self.resampler(hidden, tgt_sizes)
+
+    def _dummy_vision_feature(self, device):
+        """One blank 224x224 image through the vision path, so a step without images still runs (and
+        gathers, under ZeRO-3) every vision parameter on every rank: no hang, no missing gradients."""
+        side = 224 // self.config.patch_size
+        strip = torch.zeros(1, 3, self.config.patch_size, side * side * self.config.patch_size, device=device)
+        return self.get_vision_embedding(strip, torch.tensor([[side, side]], dtype=torch.int32))
+
+    def get_llm_embedding(self, input_ids, pixel_values=None, tgt_sizes=None, image_bound=None):
+        """Token embeddings with each image's features written over its `<unk>` positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        pixel_values, tgt_sizes, image_bound = _normalise_images(pixel_values, tgt_sizes, image_bound)
+        if pixel_values is None:
+            if self.training:
+                embeds = embeds + 0 * self._dummy_vision_feature(input_ids.device).sum()
+            return embeds
+        features = self.get_vision_embedding(pixel_values.to(input_ids.device), tgt_sizes)
+        rows, cols = [], []
+        for b, bounds in enumerate(image_bound):
+            for start, end in bounds.tolist():
+                if end - start != self.config.query_num:
+                    raise ValueError(f"sample {b}: image span [{start}, {end}) is not {self.config.query_num} tokens")
+                cols.append(torch.arange(start, end))
+                rows.append(torch.full((end - start,), b))
+        if len(rows) != features.shape[0]:
+            raise ValueError(f"{features.shape[0]} images but {len(rows)} image spans in the token ids")
+        index = (torch.cat(rows).to(embeds.device), torch.cat(cols).to(embeds.device))
+        return embeds.index_put(index, features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+
+    # ---- training / scoring -----------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, tgt_sizes=None,
+                image_bound=None, labels=None, inputs_embeds=None, return_logits=None, num_items_in_batch=None,
+                **kwargs):
+        """Loss at supervised positions only (`labels` -100 elsewhere, shifted inside as in Hugging Face).
+
+        Logits are returned when there are no labels or `return_logits=True`; `num_items_in_batch` (from the
+        Trainer under gradient accumulation) replaces the local count of supervised tokens as the divisor.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.get_llm_embedding(input_ids, pixel_values, tgt_sizes, image_bound)
+        kwargs.pop("use_cache", None)
+        hidden = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
+        loss = logits = None
+        if labels is not None:
+            target = labels[:, 1:]
+            supervised = target != IGNORE_INDEX
+            sel_logits = self.llm.lm_head(hidden[:, :-1][supervised]).float()
+            loss = F.cross_entropy(sel_logits, target[supervised], reduction="sum")
+            count = num_items_in_batch if num_items_in_batch is not None else supervised.sum()
+            loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        if labels is None or return_logits:
+            logits = self.llm.lm_head(hidden)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    # ---- inference ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids, pixel_values=None, tgt_sizes=None, image_bound=None, attention_mask=None,
+                 tokenizer=None, streamer=None, **generate_kwargs):
+        """Generate new token ids (prompt excluded). Batches are left-padded; images as in `forward`."""
+        embeds = self.get_llm_embedding(input_ids, pixel_values, tgt_sizes, image_bound)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if tokenizer is not None:
+            generate_kwargs.setdefault("eos_token_id", [tokenizer.eos_token_id, tokenizer.eot_id])
+        generate_kwargs.setdefault("pad_token_id", 0)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer,
+                                 **generate_kwargs)
+
+    def build_chat_inputs(self, msgs, tokenizer, image=None, max_inp_length=2048, system_prompt="",
+                          max_slice_nums=None):
+        """The official chat prompt: images as placeholders joined to the text by '\\n', the checkpoint's
+        (inference) chat template, ids cut to `max_inp_length`."""
+        msgs = deepcopy(json.loads(msgs) if isinstance(msgs, str) else msgs)
+        if not msgs:
+            raise ValueError("msgs is empty")
+        if image is not None and isinstance(msgs[0]["content"], str):
+            msgs[0]["content"] = [image, msgs[0]["content"]]
+        slice_cfg = self.config.slice_config
+        strips, tgt_sizes = [], []
+        for i, msg in enumerate(msgs):
+            if msg["role"] not in ("user", "assistant"):
+                raise ValueError(f"message {i}: role must be user or assistant, got {msg['role']!r}")
+            if i == 0 and msg["role"] != "user":
+                raise ValueError("the first message must be from the user")
+            parts = [msg["content"]] if isinstance(msg["content"], str) else msg["content"]
+            texts = []
+            for part in parts:
+                if isinstance(part, Image.Image):
+                    processed = process_image(part, self.config.query_num,
+                                              max_slice_nums or slice_cfg["max_slice_nums"],
+                                              slice_cfg["scale_resolution"], self.config.patch_size)
+                    strips += processed.pixel_values
+                    tgt_sizes.append(processed.tgt_sizes)
+                    texts.append(processed.placeholder)
+                else:
+                    texts.append(part)
+            msg["content"] = "\n".join(texts)
+        if system_prompt:
+            msgs = [{"role": "system", "content": system_prompt}] + msgs
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        input_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids[:max_inp_length])
+        return dict(input_ids=input_ids[None].to(self.device),
+                    pixel_values=pack_pixel_strips(strips).to(self.device) if strips else None,
+                    tgt_sizes=torch.cat(tgt_sizes) if tgt_sizes else None,
+                    image_bound=[image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id)])
+
+    def chat(self, image, msgs, tokenizer, vision_hidden_states=None, max_new_tokens=1024, sampling=True,
+             max_inp_length=2048, system_prompt="", stream=False, **kwargs):
+        """The official chat: sampling (top_p 0.8, top_k 100, temperature 0.7, repetition 1.05) or 3-beam search
+        (repetition 1.2); keyword arguments override only those settings. Returns the answer, or a generator
+        of text pieces with `stream=True` (which needs sampling)."""
+        if vision_hidden_states is not None:
+            raise ValueError("vision_hidden_states is not supported; pass the image")
+        if stream and not sampling:
+            raise ValueError("stream=True needs sampling=True")
+        inputs = self.build_chat_inputs(msgs, tokenizer, image, max_inp_length, system_prompt,
+                                        kwargs.pop("max_slice_nums", None))
+        if sampling:
+            gen = dict(top_p=0.8, top_k=100, temperature=0.7, do_sample=True, repetition_penalty=1.05)
+        else:
+            gen = dict(num_beams=3, repetition_penalty=1.2)
+        gen.update((k, kwargs[k]) for k in gen.keys() & kwargs.keys())
+        gen.update(max_new_tokens=max_new_tokens, tokenizer=tokenizer)
+        if stream:
+            streamer = TextIteratorStreamer(tokenizer, skip_prompt=False)
+            Thread(target=self.generate, kwargs=dict(inputs, streamer=streamer, **gen)).start()
+            return (t.replace(tokenizer.eot_token, "").replace(tokenizer.eos_token, "") for t in streamer)
+        return decode_answer(self.generate(**inputs, **gen)[0], tokenizer)
+
+
+def decode_answer(ids, tokenizer):
+    """The official decoding: drop every id 0 ("!", the pad), a leading bos and one trailing eos/eot; strip."""
+    ids = ids[ids != 0]
+    if len(ids) and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    if len(ids) and ids[-1] in (tokenizer.eos_token_id, tokenizer.eot_id):
+        ids = ids[:-1]
+    return tokenizer.decode(ids).strip()
+
+
+def _normalise_images(pixel_values, tgt_sizes, image_bound):
+    """Accept the official nested lists (per sample, per image) or the packed tensors; return packed
+    [N, 3, P, Lmax*P] pixels, [N, 2] tgt_sizes and per-sample bounds, or Nones when there are no images."""
+    if pixel_values is None:
+        return None, None, None
+    if isinstance(pixel_values, (list, tuple)):
+        flat = [s for item in pixel_values for s in (item if isinstance(item, (list, tuple)) else [item])]
+        if not flat:
+            return None, None, None
+        pixel_values = pack_pixel_strips(flat)
+    if pixel_values.shape[0] == 0:
+        return None, None, None
+    if isinstance(tgt_sizes, (list, tuple)):
+        tgt_sizes = torch.cat([torch.as_tensor(t).reshape(-1, 2) for t in tgt_sizes if len(t)])
+    image_bound = [torch.as_tensor(b).reshape(-1, 2) for b in image_bound]
+    return pixel_values, tgt_sizes.to(torch.int32), image_bound
