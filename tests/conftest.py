@@ -1,0 +1,81 @@
+"""Shared fixtures. The conformance fixture (what the official code computed on a tiny checkpoint in the
+official format) comes from CONFORMANCE_DIR (default ../shared/conformance); its checkpoint from
+CONFORMANCE_CKPT, or is built once by the fixture's own make_checkpoint.py into .cache/."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+CONFORMANCE_DIR = Path(os.environ.get("CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
+
+
+def build_conformance_checkpoint(fixture_dir=CONFORMANCE_DIR):
+    """The checkpoint folder: CONFORMANCE_CKPT, or built (once per generator version) into .cache/."""
+    if os.environ.get("CONFORMANCE_CKPT"):
+        return Path(os.environ["CONFORMANCE_CKPT"])
+    generator = fixture_dir / "make_checkpoint.py"
+    key = hashlib.sha256(generator.read_bytes() + (fixture_dir / "checkpoint.sha256").read_bytes()).hexdigest()[:12]
+    out = REPO / ".cache" / f"conformance-{key}"
+    if not (out / "done").exists():
+        subprocess.run([sys.executable, str(generator), str(out)], check=True)
+        (out / "done").touch()
+    return out
+
+
+class Conformance:
+    def __init__(self, fixture_dir):
+        self.dir = fixture_dir
+        self.cases = json.loads((fixture_dir / "cases.json").read_text())
+        self.expected = json.loads((fixture_dir / "expected.json").read_text())
+        self.tensors = load_file(fixture_dir / "expected.safetensors")
+        self.samples = {s["id"]: s for s in self.cases["samples"]}
+
+    def image(self, name):
+        from PIL import Image
+        return Image.open(self.dir / "images" / name).convert("RGB")
+
+
+def conformance_sample_ids():
+    return [s["id"] for s in json.loads((CONFORMANCE_DIR / "cases.json").read_text())["samples"]]
+
+
+@pytest.fixture(scope="session")
+def conformance():
+    return Conformance(CONFORMANCE_DIR)
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir():
+    return build_conformance_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(ckpt_dir):
+    from finetune.model import load_tokenizer
+    return load_tokenizer(ckpt_dir)
+
+
+@pytest.fixture(scope="session")
+def model(ckpt_dir):
+    """The fixture model in fp32 (as the expected values were computed), eval mode. Do not modify."""
+    from finetune.model import load_model
+    return load_model(ckpt_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def encode(conformance, tokenizer, model):
+    """Sample id -> encoded example, with the model's slice settings."""
+    from finetune.data.conversation import ImageSettings, encode_conversation
+    settings = ImageSettings.from_config(model.config)
+
+    def _encode(sample_id):
+        sample = conformance.samples[sample_id]
+        return encode_conversation(sample["conversations"], [conformance.image(sample["image"])], tokenizer, settings)
+    return _encode

@@ -1,0 +1,121 @@
+"""The model's training-side behaviour and its loading errors, on the fixture checkpoint."""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from finetune.data.collator import collate
+from finetune.model import CheckpointError, load_model, load_tokenizer
+
+
+@pytest.fixture()
+def batch(encode, conformance):
+    return collate([encode(i) for i in conformance.expected["batches"][0]["ids"]])
+
+
+def test_loss_equals_full_logits_cross_entropy(model, batch):
+    with torch.no_grad():
+        out = model(**batch, return_logits=True)
+        no_logits = model(**batch)
+    shifted = batch["labels"][:, 1:]
+    reference = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), shifted.reshape(-1))
+    assert out.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert no_logits.logits is None and no_logits.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    # under gradient accumulation the Trainer passes the global count of supervised tokens
+    with torch.no_grad():
+        scaled = model(**batch, num_items_in_batch=2 * int((shifted != -100).sum()))
+    assert scaled.loss.item() == pytest.approx(out.loss.item() / 2, rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients(ckpt_dir, batch):
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(ckpt_dir, dtype=torch.float32).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("vpm.") for n in grads[0]) and any(n.startswith("resampler.") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_text_only_batch_trains_and_touches_the_vision_path(ckpt_dir, tokenizer):
+    from finetune.data.conversation import encode_conversation, ImageSettings
+    model = load_model(ckpt_dir, dtype=torch.float32).train()
+    ex = encode_conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], [],
+                             tokenizer, ImageSettings.from_config(model.config))
+    batch = collate([ex])
+    assert batch["pixel_values"] is None
+    loss = model(**batch).loss
+    loss.backward()
+    # every vision parameter took part (zero gradient), so no rank waits on another under DeepSpeed
+    assert all(p.grad is not None for p in model.vpm.parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in model.resampler.parameters())
+    assert model.llm.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_lora_with_frozen_embeddings_and_checkpointing(ckpt_dir, batch):
+    from peft import LoraConfig, get_peft_model
+    model = load_model(ckpt_dir, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+                      modules_to_save=["resampler"])
+    peft_model = get_peft_model(model, lora).train()
+    peft_model(**batch).loss.backward()
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert any("lora_A" in n for n in trained) and any("resampler" in n for n in trained)
+    assert not model.llm.model.embed_tokens.weight.requires_grad
+
+
+def _copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_error_for_other_minicpm_versions(ckpt_dir, tmp_path):
+    folder = _copy_checkpoint(ckpt_dir, tmp_path / "v26")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(version=2.6, hidden_size=3584)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"MiniCPM-V 2\.6.*hidden_size=3584"):
+        load_model(folder)
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="found model_type='qwen2'"):
+        load_model(folder)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_strict_loading_names_missing_and_unexpected_tensors(ckpt_dir, tmp_path):
+    folder = _copy_checkpoint(ckpt_dir, tmp_path / "ckpt")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"]["resampler.query"]
+    tensors = load_file(shard)
+    tensors["resampler.extra"] = tensors.pop("resampler.query")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"]["resampler.extra"] = index["weight_map"].pop("resampler.query")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"resampler\.query.*resampler\.extra|resampler\.extra.*resampler\.query"):
+        load_model(folder)
+
+
+def test_tokenizer_attributes(tokenizer):
+    assert tokenizer.unk_token == "<unk>" and tokenizer.im_start == "<image>" and tokenizer.slice_end == "</slice>"
+    ids = {tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.eot_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id}
+    assert ids == {tokenizer.convert_tokens_to_ids(t) for t in
+                   ("<image>", "</image>", "<|eot_id|>", "<unk>", "<|begin_of_text|>", "<|end_of_text|>")}
+    assert not hasattr(tokenizer, "slice_start_id")  # vLLM tells 2.5 from 2.6 by its absence
+    # the official decode applies clean_up_tokenization_spaces
+    assert tokenizer.decode(tokenizer("Press Login .", add_special_tokens=False).input_ids) == "Press Login."
+
+
+def test_dtype_conversion(ckpt_dir):
+    model = load_model(ckpt_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
