@@ -9,7 +9,12 @@ from .conversation import IGNORE_INDEX
 
 def collate(examples, pad_token_id=0):
     """Examples from `encode_conversation` -> model keyword arguments. Images are packed in sample order
-    (source then slices), so `image_bound[b]` lines up with them; `pixel_values` is None without images."""
+    (source then slices), so `image_bound[b]` lines up with them; `pixel_values` is None without images.
+    None examples (samples that failed to load, already logged) are dropped; a batch left with none becomes
+    one padding token with nothing supervised, so the step still runs on every rank."""
+    examples = [ex for ex in examples if ex is not None] or [dict(
+        input_ids=torch.tensor([pad_token_id]), labels=torch.tensor([IGNORE_INDEX]), pixel_values=[],
+        tgt_sizes=torch.zeros(0, 2, dtype=torch.int32), image_bound=torch.zeros(0, 2, dtype=torch.long))]
     strips = [s for ex in examples for s in ex["pixel_values"]]
     input_ids = pad_sequence([ex["input_ids"] for ex in examples], batch_first=True, padding_value=pad_token_id)
     lengths = torch.tensor([len(ex["input_ids"]) for ex in examples])

@@ -10,13 +10,16 @@ import torch
 
 from replace_file.image_processing_minicpmv import image_bounds, process_image
 
+from .records import IMAGE_TAG
+
 IGNORE_INDEX = -100
-IMAGE_TAG = "<image>"
 # The checkpoint's inference template without the trailing assistant header (the official training template).
 TRAIN_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
     "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}")
+# What the released tokenizer_config.json holds; `chat()` relies on it ending with the assistant header.
+INFERENCE_CHAT_TEMPLATE = TRAIN_CHAT_TEMPLATE + "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
 
 
 @dataclass(frozen=True)
@@ -73,16 +76,22 @@ def supervised_labels(input_ids, tokenizer):
     return labels
 
 
+def tokenize_conversation(conversations, placeholders, tokenizer):
+    """Messages + one placeholder text per image -> (input_ids, labels), with the training chat template."""
+    messages = insert_image_placeholders(conversations, placeholders)
+    text = tokenizer.apply_chat_template(messages, chat_template=TRAIN_CHAT_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=False)
+    input_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+    return input_ids, supervised_labels(input_ids, tokenizer)
+
+
 def encode_conversation(conversations, images, tokenizer, settings):
     """Messages ({role, content}) + RGB PIL images -> dict of input_ids, labels, pixel_values (list of
     strips), tgt_sizes [n, 2] and image_bound [n, 2]."""
     processed = [process_image(img, settings.query_num, settings.max_slice_nums, settings.scale_resolution,
                                settings.patch_size) for img in images]
-    messages = insert_image_placeholders(conversations, [p.placeholder for p in processed])
-    text = tokenizer.apply_chat_template(messages, chat_template=TRAIN_CHAT_TEMPLATE, tokenize=False,
-                                         add_generation_prompt=False)
-    input_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
-    return dict(input_ids=input_ids, labels=supervised_labels(input_ids, tokenizer),
+    input_ids, labels = tokenize_conversation(conversations, [p.placeholder for p in processed], tokenizer)
+    return dict(input_ids=input_ids, labels=labels,
                 pixel_values=[s for p in processed for s in p.pixel_values],
                 tgt_sizes=torch.cat([p.tgt_sizes for p in processed]) if processed else torch.zeros(0, 2, dtype=torch.int32),
                 image_bound=image_bounds(input_ids, tokenizer.im_start_id, tokenizer.im_end_id))

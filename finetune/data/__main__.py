@@ -1,0 +1,32 @@
+"""Data tools: `python -m finetune.data check DATA ...` (more subcommands: see --help)."""
+import argparse
+import os
+import sys
+
+from .records import DEFAULT_MAX_IMAGE_PIXELS
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m finetune.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate data files and print token statistics")
+    check.add_argument("data", nargs="+", help="JSON or JSONL files in the conversation format")
+    check.add_argument("--model", help="model folder (tokenizer and slice settings); default: the released "
+                                       "MiniCPM-Llama3-V 2.5 settings with the Llama-3 tokenizer")
+    check.add_argument("--model_max_length", type=int, default=2048)
+    check.add_argument("--max_slice_nums", type=int, help="override the model's slice_config")
+    check.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    check.add_argument("--overlong", choices=["skip", "truncate"], default="skip")
+    check.add_argument("--headers_only", action="store_true", help="read image headers only (faster; misses truncation)")
+    check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        from .check import run_check
+        return run_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
