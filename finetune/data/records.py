@@ -25,6 +25,9 @@ class SampleError(ValueError):
         where = f"{path}" if index is None else f"{path}: sample {index} (id {sample_id!r})"
         super().__init__(f"{where}: {detail}")
 
+    def __reduce__(self):  # picklable, so scan workers can send it back
+        return SampleError, (self.path, self.index, self.sample_id, self.kind, self.detail)
+
 
 class RecordFile:
     """The samples of one data file, parsed lazily from a shared buffer."""
