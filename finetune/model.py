@@ -67,3 +67,46 @@ def load_tokenizer(path):
         raise CheckpointError(f"{path}: tokenizer is not MiniCPM-Llama3-V 2.5's: special tokens at other ids {wrong} "
                               f"(expected {SPECIAL_TOKEN_IDS})")
     return tokenizer
+
+
+def is_lora_folder(path):
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def load_any(path, base=None, dtype=None, device=None, attn_implementation="sdpa"):
+    """A base or full checkpoint, or a LoRA adapter folder on its base (`base`, else the path recorded in
+    adapter_config.json). Returns (model, tokenizer); the tokenizer comes from the folder when it has one."""
+    if not is_lora_folder(path):
+        return load_model(path, dtype, device, attn_implementation), load_tokenizer(path)
+    from peft import PeftModel
+    base = base or json.load(open(os.path.join(path, "adapter_config.json")))["base_model_name_or_path"]
+    if not base or not os.path.isdir(base):
+        raise CheckpointError(f"{path} is a LoRA adapter whose base model folder {base!r} is not here; pass the base")
+    model = PeftModel.from_pretrained(load_model(base, dtype, None, attn_implementation), path)
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    model = model.to(device) if device is not None else model
+    return model, load_tokenizer(path if has_tokenizer else base)
+
+
+def configure_trainable(model, tune):
+    """Full finetuning: the chosen modules train in full. LoRA: adapters on the LLM modules matching
+    `tune.lora_target_modules`, plus in full the resampler / vision tower / embed_tokens when asked (as peft
+    `modules_to_save`, so they are saved in the adapter folder)."""
+    if not tune.use_lora:
+        model.llm.requires_grad_(tune.tune_llm)
+        model.vpm.requires_grad_(tune.tune_vision)
+        model.resampler.requires_grad_(tune.tune_resampler)
+        return model
+    from peft import LoraConfig, get_peft_model
+    in_full = [name for name, wanted in (("resampler", tune.tune_resampler), ("vpm", tune.tune_vision),
+                                         ("embed_tokens", tune.tune_embed_tokens)) if wanted]
+    config = LoraConfig(r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
+                        target_modules=tune.lora_target_modules, modules_to_save=in_full or None)
+    model.requires_grad_(False)
+    return get_peft_model(model, config)
+
+
+def trainable_summary(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f} %)"

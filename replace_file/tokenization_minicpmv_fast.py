@@ -23,6 +23,11 @@ class MiniCPMVTokenizerFast(PreTrainedTokenizerFast):
         cleanup = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         return self.clean_up_tokenization(text) if cleanup else text
 
+    def save_pretrained(self, *args, **kwargs):
+        # keep the chat template inside tokenizer_config.json, where older transformers and the official code read it
+        kwargs.setdefault("save_jinja_files", False)
+        return super().save_pretrained(*args, **kwargs)
+
     @property
     def eos_id(self):
         return self.eos_token_id

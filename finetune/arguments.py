@@ -1,0 +1,129 @@
+"""Command-line arguments of finetune.py: the official flags plus every transformers TrainingArguments flag."""
+import os
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+
+DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default=None, metadata={"help": "MiniCPM-Llama3-V 2.5 folder (official layout)"})
+    llm_type: str = field(default="llama3", metadata={"help": "kept from the official scripts; only llama3 is valid"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, flash_attention_2, eager"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "training data: JSON/JSONL, several separated by commas"})
+    eval_data_path: str = field(default=None, metadata={"help": "evaluation data (loss only)"})
+    model_max_length: int = field(default=2048, metadata={"help": "longer samples are skipped (or truncated)"})
+    max_slice_nums: int = field(default=None, metadata={"help": "override the model's slice_config.max_slice_nums"})
+    overlong: str = field(default="skip", metadata={"help": "skip | truncate (at a turn boundary, keeping an answer)"})
+    on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training with the list of "
+                                                                  "bad samples | skip: train without them"})
+    max_image_pixels: int = field(default=50_000_000)
+    check_workers: int = field(default=0, metadata={"help": "processes for the pre-training data check (0: all cores)"})
+    decode_images_in_check: bool = field(default=False, metadata={"help": "fully decode images in the check"})
+
+
+@dataclass
+class TuneArguments:
+    tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (in full)"})
+    tune_llm: bool = field(default=True, metadata={"help": "train the LLM in full (ignored with --use_lora)"})
+    tune_resampler: bool = field(default=True, metadata={"help": "train the resampler (in full)"})
+    tune_embed_tokens: bool = field(default=False, metadata={"help": "with LoRA: also train embed_tokens in full"})
+    use_lora: bool = False
+    q_lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "regex over module names"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    # the toolkit's defaults differ from transformers' where the official scripts needed them
+    remove_unused_columns: bool = False
+    prediction_loss_only: bool = True
+    output_dir: str = "output"
+
+
+# Flags of the official scripts that transformers 5 renamed or dropped.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
+DROPPED_FLAGS = {"--logging_dir": "use TENSORBOARD_LOGGING_DIR", "--save_safetensors": "always safetensors"}
+
+
+def translate_legacy_flags(argv):
+    """Rewrite the official scripts' flags for transformers 5, with a notice for each."""
+    out, i = [], 0
+    while i < len(argv):
+        name, _, inline = argv[i].partition("=")
+        value_given = bool(inline)
+        value = inline if value_given else (argv[i + 1] if i + 1 < len(argv) else "")
+        consumed = 1 if value_given else 2
+        if name in RENAMED_FLAGS:
+            print(f"notice: {name} is now {RENAMED_FLAGS[name]}", file=sys.stderr)
+            out += [RENAMED_FLAGS[name], value]
+        elif name == "--group_by_length":
+            print("notice: --group_by_length is now --train_sampling_strategy group_by_length", file=sys.stderr)
+            if value.lower() in ("true", "1", "yes"):
+                out += ["--train_sampling_strategy", "group_by_length"]
+        elif name in DROPPED_FLAGS:
+            print(f"notice: {name} is not a transformers 5 flag ({DROPPED_FLAGS[name]}); ignored", file=sys.stderr)
+            if name == "--logging_dir":
+                os.environ.setdefault("TENSORBOARD_LOGGING_DIR", value)
+        else:
+            out.append(argv[i])
+            consumed = 1
+        i += consumed
+    return out
+
+
+def parse_args(argv=None):
+    argv = translate_legacy_flags(list(sys.argv[1:] if argv is None else argv))
+    if any(a.split("=")[0] == "--deepspeed" for a in argv) and os.environ.get("DS_ACCELERATOR") == "cpu":
+        argv += setup_cpu_deepspeed()
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TuneArguments, TrainingArguments))
+    model_args, data_args, tune_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.llm_type != "llama3":
+        raise SystemExit(f"--llm_type {model_args.llm_type!r}: MiniCPM-Llama3-V 2.5 is a Llama-3 model, so only "
+                         "'llama3' is valid (the official scripts' 'minicpm' is MiniCPM-V 2.0, 'qwen' is 2.6)")
+    if tune_args.q_lora:
+        raise SystemExit("--q_lora is not supported: the official QLoRA path never worked for this model (vision "
+                         "parameters cannot require gradients after 4-bit preparation); use --use_lora")
+    if not model_args.model_name_or_path or not data_args.data_path:
+        raise SystemExit("--model_name_or_path and --data_path are required")
+    if data_args.overlong not in ("skip", "truncate") or data_args.on_bad_sample not in ("error", "skip"):
+        raise SystemExit("--overlong takes skip|truncate, --on_bad_sample error|skip")
+    if training_args.gradient_checkpointing_kwargs is None:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.deepspeed:
+        resolve_deepspeed_config(training_args)
+    return model_args, data_args, tune_args, training_args
+
+
+def setup_cpu_deepspeed():
+    """DeepSpeed on CPU (DS_ACCELERATOR=cpu, used by the tests): accelerate only starts DeepSpeed's process
+    group on accelerators, so start it here (gloo) and have the TrainingArguments use this state."""
+    from accelerate import PartialState
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    return ["--accelerator_config", '{"use_configured_state": true}']
+
+
+def resolve_deepspeed_config(training_args):
+    """Fill the DeepSpeed config's "auto" values again once the process group exists: transformers 5 fills
+    them when the arguments are created, before it knows the world size, and ZeRO-3 model creation (before
+    the Trainer exists) would then fail its batch-size check on more than one process."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+    _ = training_args.device  # sets up the process group
+    training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
+    training_args.hf_deepspeed_config.trainer_config_process(training_args)
+    training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)

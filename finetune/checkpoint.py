@@ -1,0 +1,76 @@
+"""Checkpoint folders: the official layout (config.json, sharded safetensors with the official tensor names,
+tokenizer with the *inference* chat template, our model files for trust_remote_code), written so that an
+interrupted save is never taken for a complete one."""
+import json
+import os
+import re
+import shutil
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
+
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
+
+
+def register_model_files():
+    """Make save_pretrained copy our model files beside the weights and point auto_map at them."""
+    from replace_file import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
+    MiniCPMVConfig.register_for_auto_class()
+    MiniCPMV.register_for_auto_class("AutoModel")
+    MiniCPMVTokenizerFast.register_for_auto_class("AutoTokenizer")
+
+
+def latest_complete_checkpoint(output_dir):
+    """The newest checkpoint-N folder whose save finished (None if there is none); logs skipped ones."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append(int(match.group(1)))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if os.path.isfile(os.path.join(folder, TRAINER_STATE)):
+            return folder
+        print(f"warning: {folder} is incomplete (no {TRAINER_STATE}, the save was interrupted); not resuming from it")
+    return None
+
+
+def save_final(trainer, output_dir):
+    """trainer.save_model into a temporary folder beside output_dir, then move the files in, config last."""
+    staging = output_dir.rstrip("/") + ".saving"
+    if trainer.args.should_save and os.path.isdir(staging):
+        shutil.rmtree(staging)
+    trainer.save_model(staging)
+    if trainer.args.should_save:
+        os.makedirs(output_dir, exist_ok=True)
+        names = sorted(os.listdir(staging), key=lambda n: n in ("config.json", "adapter_config.json"))
+        for name in names:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        os.rmdir(staging)
+    trainer.accelerator.wait_for_everyone()
+
+
+def restore_template(folder):
+    """Put the inference chat template back into a checkpoint saved with the training one (official scripts
+    of May-June 2024), which makes chat() answer empty. Returns what was done."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} not found: is {folder} a model folder?")
+    config = json.load(open(path, encoding="utf-8"))
+    template = config.get("chat_template")
+    if template == INFERENCE_CHAT_TEMPLATE:
+        return f"{path}: already has the inference chat template"
+    if template not in (TRAIN_CHAT_TEMPLATE, None) and "assistant<|end_header_id|>" in (template or ""):
+        return f"{path}: has a chat template that already adds the assistant header; left unchanged"
+    config["chat_template"] = INFERENCE_CHAT_TEMPLATE
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+    return f"{path}: restored the inference chat template (it was {'missing' if template is None else 'the training one'})"

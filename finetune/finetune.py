@@ -1,0 +1,105 @@
+"""Finetune MiniCPM-Llama3-V 2.5 (full or LoRA) with the Hugging Face Trainer, optionally under DeepSpeed.
+
+    torchrun --nproc_per_node N -m finetune.finetune --model_name_or_path M --data_path D [flags]
+
+Order of setup, and why:
+1. arguments (legacy flags of the official scripts translated; bad combinations stop here);
+2. tokenizer and config, then the data check: every sample is validated and measured on the main process
+   before any weights load, so a bad data set fails in seconds, with the full list of problems;
+3. the model, after the TrainingArguments exist, so that under ZeRO-3 it is created partitioned;
+4. trainable modules / LoRA (the Trainer then enables gradient checkpointing, non-reentrant by default here,
+   so frozen embeddings need no gradients);
+5. train (resuming from the newest *complete* checkpoint when asked), then save the final folder atomically.
+"""
+import logging
+import os
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from .arguments import parse_args
+from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
+from .data.collator import collate
+from .data.conversation import ImageSettings
+from .data.dataset import ConversationDataset, ScanOptions, scan
+from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
+from .trainer import MiniCPMVTrainer
+
+logger = logging.getLogger("finetune")
+
+
+def main_process_scan(paths, tokenizer, settings, options, args):
+    """Scan on the main process and share the result: other ranks wait rather than repeat the work."""
+    result = None
+    if args.process_index == 0:
+        result = scan(paths, tokenizer, settings, options)
+        result.files = [rf.path for rf in result.files]  # ranks re-open the files themselves
+    if dist.is_available() and dist.is_initialized() and args.world_size > 1:
+        shared = [result]
+        dist.broadcast_object_list(shared, src=0)
+        result = shared[0]
+    from .data.records import RecordFile
+    result.files = [RecordFile(p) for p in result.files]
+    return result
+
+
+def report_scan(result, name, on_bad_sample, model_max_length):
+    """Stop on bad samples (or list them when skipping), name every over-long sample."""
+    if result.errors:
+        listing = "\n".join(f"  [{e.kind}] {e}" for e in result.errors)
+        if on_bad_sample == "error":
+            raise SystemExit(f"{name}: {len(result.errors)} bad samples; fix them, or pass --on_bad_sample skip to "
+                             f"train without them (python -m finetune.data check shows statistics too):\n{listing}")
+        logger.warning("%s: skipping %d bad samples (--on_bad_sample skip):\n%s", name, len(result.errors), listing)
+    for path, index, sample_id, length in result.overlong:
+        logger.warning("%s: skipping sample %d (id %r) of %s: %d tokens > model_max_length %d",
+                       name, index, sample_id, path, length, model_max_length)
+    summary = (f"{name}: {len(result.entries)} samples to use; skipped {len(result.errors)} bad and "
+               f"{len(result.overlong)} over {model_max_length} tokens; {result.truncated} truncated at a turn")
+    logger.warning(summary)
+    return summary
+
+
+def main(argv=None):
+    model_args, data_args, tune_args, training_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    path = model_args.model_name_or_path
+    tokenizer, config = load_tokenizer(path), read_config(path)
+    settings = ImageSettings.from_config(config, data_args.max_slice_nums)
+    options = ScanOptions(model_max_length=data_args.model_max_length, overlong=data_args.overlong,
+                          max_image_pixels=data_args.max_image_pixels, decode_images=data_args.decode_images_in_check,
+                          workers=data_args.check_workers or os.cpu_count() or 1)
+    summaries, datasets = [], {}
+    for split, paths in (("train", data_args.data_path), ("eval", data_args.eval_data_path)):
+        if paths:
+            result = main_process_scan(paths.split(","), tokenizer, settings, options, training_args)
+            summaries.append(report_scan(result, split, data_args.on_bad_sample, data_args.model_max_length))
+            datasets[split] = ConversationDataset(result, tokenizer, settings, options)
+    if len(datasets["train"]) == 0:
+        raise SystemExit("no training samples left after the data check")
+
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    model = load_model(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    model.config.use_cache = False
+    model = configure_trainable(model, tune_args)
+    logger.info(trainable_summary(model))
+    register_model_files()
+
+    trainer = MiniCPMVTrainer(model=model, args=training_args, train_dataset=datasets["train"],
+                              eval_dataset=datasets.get("eval"), processing_class=tokenizer,
+                              data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
+    resume = training_args.resume_from_checkpoint
+    if resume in ("true", "True", "auto", "latest"):
+        resume = latest_complete_checkpoint(training_args.output_dir)
+        logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
+    trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, training_args.output_dir)
+    if training_args.process_index == 0:
+        print("\n".join(summaries + [f"saved to {training_args.output_dir}"]))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
