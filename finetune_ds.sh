@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Full finetuning of MiniCPM-Llama3-V 2.5 (LLM, vision tower and resampler) under DeepSpeed ZeRO-2
+# (DS_CONFIG=ds_config_zero3.json for ZeRO-3). Environment: MODEL, DATA, EVAL_DATA, OUTPUT_DIR,
+# GPUS_PER_NODE (default: all visible GPUs), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, DS_CONFIG.
+# Extra arguments go to finetune.py (any transformers TrainingArguments flag) and override the defaults.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/launch_env.sh
+
+launch \
+    --tune_llm true --tune_vision true \
+    --learning_rate 1e-5 \
+    --weight_decay 0.1 \
+    --output_dir "${OUTPUT_DIR:-output/full}" \
+    "$@"

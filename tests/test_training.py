@@ -1,0 +1,153 @@
+"""finetune.py end to end on the fixture checkpoint: DeepSpeed ZeRO-2/3 with torchrun on 2 CPU processes,
+full and LoRA, resume, the launch script, and the checks that stop a run before it starts."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.arguments import translate_legacy_flags
+from finetune.checkpoint import latest_complete_checkpoint, restore_template
+from finetune.data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
+from finetune.model import load_any, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_data(conformance, tmp_path_factory):
+    """The fixture's samples with absolute image paths, interleaved with text-only ones: with sequential
+    sampling on 2 ranks, rank 1 sees only text, so a rank that skipped the vision tower would hang ZeRO-3."""
+    folder = tmp_path_factory.mktemp("data")
+    samples = []
+    for s in conformance.cases["samples"][:4]:
+        samples.append(dict(s, image=str(conformance.dir / "images" / s["image"])))
+        samples.append({"id": f"text_{s['id']}", "conversations": [{"role": "user", "content": "Say OK."},
+                                                                   {"role": "assistant", "content": "OK."}]})
+    (folder / "train.json").write_text(json.dumps(samples))
+    (folder / "eval.json").write_text(json.dumps(samples[:2]))
+    return folder
+
+
+def torchrun(args, ckpt_dir, timeout=600, nproc=2):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29600 + os.getpid() % 300), "-m", "finetune.finetune", "--model_name_or_path", str(ckpt_dir),
+           "--report_to", "none", "--per_device_train_batch_size", "1", "--logging_steps", "1",
+           "--train_sampling_strategy", "sequential", "--dataloader_num_workers", "0"] + args
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def changed_parameters(folder, ckpt_dir):
+    trained, base = load_model(folder, dtype=torch.float32), load_model(ckpt_dir, dtype=torch.float32)
+    base_params = dict(base.named_parameters())
+    return {n for n, p in trained.named_parameters() if not torch.equal(p, base_params[n])}
+
+
+@pytest.mark.slow
+def test_zero3_full_finetune_saves_a_complete_official_folder_and_resumes(train_data, ckpt_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    common = ["--data_path", str(train_data / "train.json"), "--eval_data_path", str(train_data / "eval.json"),
+              "--output_dir", str(out_dir), "--deepspeed", str(REPO / "ds_config_zero3.json"), "--learning_rate", "1e-3",
+              "--gradient_checkpointing", "true", "--save_steps", "2", "--evaluation_strategy", "steps", "--eval_steps", "2"]
+    torchrun(common + ["--max_steps", "2"], ckpt_dir)
+    # every tensor gathered from the partitions, the official names, our model files beside them
+    assert {"config.json", "model.safetensors", "modeling_minicpmv.py", "tokenizer.json"} <= set(os.listdir(out_dir))
+    assert json.loads((out_dir / "tokenizer_config.json").read_text())["chat_template"] == INFERENCE_CHAT_TEMPLATE
+    changed = changed_parameters(out_dir, ckpt_dir)
+    assert any(n.startswith("vpm.") for n in changed) and any(n.startswith("resampler.") for n in changed)
+    assert any(n.startswith("llm.") for n in changed)
+
+    (out_dir / "checkpoint-9").mkdir()  # an interrupted save: no trainer_state.json
+    assert latest_complete_checkpoint(str(out_dir)) == str(out_dir / "checkpoint-2")
+    run = torchrun(common + ["--max_steps", "3", "--resume_from_checkpoint", "true"], ckpt_dir)
+    assert "checkpoint-9 is incomplete" in run.stdout + run.stderr
+    state = json.loads((out_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_zero2_lora_trains_adapters_and_resampler_only(train_data, ckpt_dir, tmp_path):
+    out_dir = tmp_path / "lora"
+    torchrun(["--data_path", str(train_data / "train.json"), "--output_dir", str(out_dir), "--max_steps", "2",
+              "--deepspeed", str(REPO / "ds_config_zero2.json"), "--use_lora", "true", "--lora_r", "4",
+              "--tune_vision", "false", "--learning_rate", "1e-2", "--gradient_checkpointing", "true"], ckpt_dir)
+    config = json.loads((out_dir / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["resampler"] and config["base_model_name_or_path"] == str(ckpt_dir)
+    model, _ = load_any(str(out_dir), dtype=torch.float32)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: these trained
+    merged = model.merge_and_unload()
+    base = load_model(ckpt_dir, dtype=torch.float32)
+    assert torch.equal(merged.llm.model.embed_tokens.weight, base.llm.model.embed_tokens.weight)
+    assert torch.equal(merged.vpm.post_layernorm.weight, base.vpm.post_layernorm.weight)
+    assert not torch.equal(merged.resampler.query, base.resampler.query)
+
+
+@pytest.mark.slow
+def test_launch_script_passes_environment_and_arguments(train_data, ckpt_dir, tmp_path):
+    env = dict(os.environ, MODEL=str(ckpt_dir), DATA=str(train_data / "train.json"), OUTPUT_DIR=str(tmp_path / "o"),
+               GPUS_PER_NODE="1", NNODES="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29950 + os.getpid() % 40), DS_CONFIG="ds_config_zero2.json")
+    out = subprocess.run(["bash", "finetune_lora.sh", "--max_steps", "1", "--report_to", "none", "--lora_r", "2",
+                          "--dataloader_num_workers", "0", "--save_strategy", "no"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["r"] == 2
+
+
+def run_finetune(args):
+    return subprocess.run([sys.executable, "-m", "finetune.finetune", "--report_to", "none"] + args, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_data_stops_before_training_with_the_full_list(ckpt_dir, train_data, tmp_path):
+    samples = json.loads((train_data / "train.json").read_text())
+    bad = [{"id": "no_image", "image": "missing.png", "conversations": samples[1]["conversations"]},
+           {"id": "no_answer", "conversations": [{"role": "user", "content": "hi"}]}]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(samples[:2] + bad))
+    args = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(path), "--output_dir", str(tmp_path / "o"),
+            "--max_steps", "1", "--use_lora", "true", "--lora_r", "2"]
+    out = run_finetune(args)
+    assert out.returncode != 0
+    assert "2 bad samples" in out.stderr and "'no_image'" in out.stderr and "'no_answer'" in out.stderr
+    assert "Loading weights" not in out.stderr  # stopped before the model was loaded
+    out = run_finetune(args + ["--on_bad_sample", "skip"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "train: 2 samples to use; skipped 2 bad" in out.stdout
+
+
+def test_wrong_llm_type_and_qlora_are_refused(ckpt_dir, train_data):
+    base = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json")]
+    out = run_finetune(base + ["--llm_type", "minicpm"])
+    assert out.returncode != 0 and "only 'llama3' is valid" in out.stderr
+    out = run_finetune(base + ["--q_lora", "true"])
+    assert out.returncode != 0 and "--q_lora is not supported" in out.stderr
+
+
+def test_legacy_flags_are_translated():
+    argv = ["--evaluation_strategy", "steps", "--warmup_ratio=0.01", "--group_by_length", "true",
+            "--logging_dir", "runs/x", "--learning_rate", "1e-4"]
+    assert translate_legacy_flags(argv) == ["--eval_strategy", "steps", "--warmup_steps", "0.01",
+                                            "--train_sampling_strategy", "group_by_length", "--learning_rate", "1e-4"]
+
+
+def test_restore_template(ckpt_dir, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt_dir, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = TRAIN_CHAT_TEMPLATE  # what the official scripts saved in May-June 2024
+    config_path.write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-m", "finetune.restore_template", str(folder)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "restored" in out.stdout
+    assert json.loads(config_path.read_text())["chat_template"] == INFERENCE_CHAT_TEMPLATE
+    assert "already" in restore_template(str(folder))
