@@ -88,6 +88,11 @@ class MiniCPMV(PreTrainedModel):
                                    num_heads=config.hidden_size // 128, kv_dim=vision_config.hidden_size)
         self.post_init()
 
+    @classmethod
+    def can_generate(cls):
+        """Generation goes through `self.llm`; True so generation_config.json is loaded and saved with the model."""
+        return True
+
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, Resampler):

@@ -13,7 +13,9 @@ from finetune.model import CheckpointError, load_model, load_tokenizer
 
 @pytest.fixture()
 def batch(encode, conformance):
-    return collate([encode(i) for i in conformance.expected["batches"][0]["ids"]])
+    batch = collate([encode(i) for i in conformance.expected["batches"][0]["ids"]])
+    assert batch.pop("sample_ids") == [None] * 3  # encode() gives no ids; the dataset adds them
+    return batch
 
 
 def test_loss_equals_full_logits_cross_entropy(model, batch):
@@ -50,6 +52,7 @@ def test_text_only_batch_trains_and_touches_the_vision_path(ckpt_dir, tokenizer)
     ex = encode_conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], [],
                              tokenizer, ImageSettings.from_config(model.config))
     batch = collate([ex])
+    batch.pop("sample_ids")
     assert batch["pixel_values"] is None
     loss = model(**batch).loss
     loss.backward()

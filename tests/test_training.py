@@ -50,39 +50,82 @@ def changed_parameters(folder, ckpt_dir):
     return {n for n, p in trained.named_parameters() if not torch.equal(p, base_params[n])}
 
 
+def batch_for(samples, ckpt_dir, conformance):
+    """The fixture's first samples as one batch, for comparing models."""
+    from finetune.data.collator import collate
+    from finetune.data.conversation import ImageSettings, encode_conversation
+    from finetune.model import load_tokenizer, read_config
+    tokenizer, settings = load_tokenizer(ckpt_dir), ImageSettings.from_config(read_config(ckpt_dir))
+    batch = collate([encode_conversation(s["conversations"], [conformance.image(s["image"])], tokenizer, settings)
+                     for s in samples])
+    batch.pop("sample_ids")
+    return batch
+
+
+def logits_and_loss(model, batch):
+    with torch.no_grad():
+        out = model.eval()(**batch, return_logits=True)
+    return out.logits, out.loss.item()
+
+
 @pytest.mark.slow
-def test_zero3_full_finetune_saves_a_complete_official_folder_and_resumes(train_data, ckpt_dir, tmp_path):
-    out_dir = tmp_path / "out"
+def test_zero3_full_finetune_saves_reloads_and_resumes_exactly(train_data, ckpt_dir, tmp_path, conformance):
     common = ["--data_path", str(train_data / "train.json"), "--eval_data_path", str(train_data / "eval.json"),
-              "--output_dir", str(out_dir), "--deepspeed", str(REPO / "ds_config_zero3.json"), "--learning_rate", "1e-3",
+              "--deepspeed", str(REPO / "ds_config_zero3.json"), "--learning_rate", "1e-3",
               "--gradient_checkpointing", "true", "--save_steps", "2", "--evaluation_strategy", "steps", "--eval_steps", "2"]
-    torchrun(common + ["--max_steps", "2"], ckpt_dir)
-    # every tensor gathered from the partitions, the official names, our model files beside them
-    assert {"config.json", "model.safetensors", "modeling_minicpmv.py", "tokenizer.json"} <= set(os.listdir(out_dir))
-    assert json.loads((out_dir / "tokenizer_config.json").read_text())["chat_template"] == INFERENCE_CHAT_TEMPLATE
-    changed = changed_parameters(out_dir, ckpt_dir)
-    assert any(n.startswith("vpm.") for n in changed) and any(n.startswith("resampler.") for n in changed)
-    assert any(n.startswith("llm.") for n in changed)
+    full = tmp_path / "full"
+    torchrun(common + ["--output_dir", str(full), "--max_steps", "3"], ckpt_dir)
+    # a complete folder in the official layout: gathered from the partitions, official names, our model files
+    assert {"config.json", "model.safetensors", "modeling_minicpmv.py", "tokenizer.json", "generation_config.json"} \
+        <= set(os.listdir(full))
+    assert json.loads((full / "tokenizer_config.json").read_text())["chat_template"] == INFERENCE_CHAT_TEMPLATE
+    assert json.loads((full / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_minicpmv.MiniCPMV"
+    changed = changed_parameters(full, ckpt_dir)
+    assert {n.split(".")[0] for n in changed} == {"llm", "vpm", "resampler"}
 
-    (out_dir / "checkpoint-9").mkdir()  # an interrupted save: no trainer_state.json
-    assert latest_complete_checkpoint(str(out_dir)) == str(out_dir / "checkpoint-2")
-    run = torchrun(common + ["--max_steps", "3", "--resume_from_checkpoint", "true"], ckpt_dir)
+    # the loss on the training samples went down; our loader and transformers' remote-code route agree
+    from transformers import AutoModel
+    batch = batch_for(conformance.cases["samples"][:4], ckpt_dir, conformance)
+    trained_logits, trained_loss = logits_and_loss(load_model(full, dtype=torch.float32), batch)
+    assert trained_loss < logits_and_loss(load_model(ckpt_dir, dtype=torch.float32), batch)[1]
+    remote = AutoModel.from_pretrained(full, trust_remote_code=True, dtype=torch.float32)
+    assert torch.equal(logits_and_loss(remote, batch)[0], trained_logits)
+
+    # resume: from the step-2 checkpoint of the same run, skipping an interrupted later save
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / "checkpoint-9").mkdir()  # an interrupted save: no trainer_state.json
+    assert latest_complete_checkpoint(str(resumed)) == str(resumed / "checkpoint-2")
+    run = torchrun(common + ["--output_dir", str(resumed), "--max_steps", "3", "--resume_from_checkpoint", "true"],
+                   ckpt_dir)
     assert "checkpoint-9 is incomplete" in run.stdout + run.stderr
-    state = json.loads((out_dir / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+
+    def losses(folder):
+        state = json.loads((folder / "checkpoint-3" / "trainer_state.json").read_text())
+        return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    assert losses(resumed)[3] == pytest.approx(losses(full)[3], rel=1e-4)
+    torch.testing.assert_close(logits_and_loss(load_model(resumed, dtype=torch.float32), batch)[0], trained_logits,
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
-def test_zero2_lora_trains_adapters_and_resampler_only(train_data, ckpt_dir, tmp_path):
+def test_zero2_lora_trains_adapters_and_resampler_only(train_data, ckpt_dir, tmp_path, conformance):
     out_dir = tmp_path / "lora"
     torchrun(["--data_path", str(train_data / "train.json"), "--output_dir", str(out_dir), "--max_steps", "2",
               "--deepspeed", str(REPO / "ds_config_zero2.json"), "--use_lora", "true", "--lora_r", "4",
               "--tune_vision", "false", "--learning_rate", "1e-2", "--gradient_checkpointing", "true"], ckpt_dir)
     config = json.loads((out_dir / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["resampler"] and config["base_model_name_or_path"] == str(ckpt_dir)
-    model, _ = load_any(str(out_dir), dtype=torch.float32)
+    model, tokenizer = load_any(str(out_dir), dtype=torch.float32)
+    assert tokenizer.chat_template == INFERENCE_CHAT_TEMPLATE
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: these trained
+    from peft import PeftModel
+    batch = batch_for(conformance.cases["samples"][:2], ckpt_dir, conformance)
+    through_peft = PeftModel.from_pretrained(load_model(ckpt_dir, dtype=torch.float32), str(out_dir))
+    logits = logits_and_loss(model, batch)[0]
+    assert torch.equal(logits_and_loss(through_peft, batch)[0], logits)
     merged = model.merge_and_unload()
     base = load_model(ckpt_dir, dtype=torch.float32)
     assert torch.equal(merged.llm.model.embed_tokens.weight, base.llm.model.embed_tokens.weight)
@@ -122,6 +165,16 @@ def test_bad_data_stops_before_training_with_the_full_list(ckpt_dir, train_data,
     out = run_finetune(args + ["--on_bad_sample", "skip"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "train: 2 samples to use; skipped 2 bad" in out.stdout
+
+
+def test_non_finite_loss_stops_with_step_and_samples(ckpt_dir, train_data, tmp_path):
+    out = run_finetune(["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
+                        "--output_dir", str(tmp_path / "o"), "--max_steps", "4", "--learning_rate", "1e30",
+                        "--tune_vision", "false", "--train_sampling_strategy", "sequential", "--save_steps", "1",
+                        "--max_grad_norm", "0", "--per_device_train_batch_size", "1"])
+    assert out.returncode != 0 and "non-finite loss" in out.stderr
+    assert "at step 2 on samples ['text_guienv_bbox2text']" in out.stderr
+    assert (tmp_path / "o" / "checkpoint-1" / "trainer_state.json").exists()
 
 
 def test_wrong_llm_type_and_qlora_are_refused(ckpt_dir, train_data):

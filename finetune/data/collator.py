@@ -25,4 +25,5 @@ def collate(examples, pad_token_id=0):
         pixel_values=pack_pixel_strips(strips) if strips else None,
         tgt_sizes=torch.cat([ex["tgt_sizes"] for ex in examples]).to(torch.int32) if strips else None,
         image_bound=[ex["image_bound"] for ex in examples],
+        sample_ids=[ex.get("id") for ex in examples],  # for messages only; the Trainer removes it
     )

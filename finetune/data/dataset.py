@@ -181,7 +181,7 @@ class ConversationDataset:
                 except ValueError as e:
                     raise SampleError(rf.path, index, sample_id, e.args[0], e.args[1]) from None
             conversations = record["conversations"][:entry["n_turns"]]
-            return encode_conversation(conversations, images, self.tokenizer, self.settings)
+            return dict(encode_conversation(conversations, images, self.tokenizer, self.settings), id=sample_id)
         except SampleError as e:
             logger.error("skipping a sample that failed to load: %s", e)
             return None
