@@ -61,7 +61,17 @@ def report_scan(result, name, on_bad_sample, model_max_length):
     return summary
 
 
-def main(argv=None):
+def upcast_trainable(model):
+    """Trainable parameters in fp32 when the frozen ones are bf16/fp16 and no DeepSpeed keeps fp32 master
+    weights: autocast still computes in 16 bits, but updates and optimizer state keep full precision."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def main(argv=None, build_model=load_model):
+    """`build_model(path, dtype=, attn_implementation=)` returns the model; benchmarks pass one that builds
+    random weights of the same architecture."""
     model_args, data_args, tune_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -81,9 +91,11 @@ def main(argv=None):
         raise SystemExit("no training samples left after the data check")
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    model = load_model(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    model = build_model(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
     model.config.use_cache = False
     model = configure_trainable(model, tune_args)
+    if not training_args.deepspeed:
+        upcast_trainable(model)
     logger.info(trainable_summary(model))
     register_model_files()
 

@@ -32,29 +32,28 @@ IGNORE_INDEX = -100
 
 
 @lru_cache(maxsize=64)
-def _strip_position_ids(rows, cols, num_patches_per_side):
-    """Position ids of a rows x cols patch grid exactly as transformers 4.40's Idefics2 computed them."""
+def _strip_position_ids(rows, cols, num_patches_per_side, device):
+    """Position ids of a rows x cols patch grid exactly as transformers 4.40's Idefics2 computed them (later
+    releases compute the fractional coordinates differently, e.g. in the pixel dtype)."""
     boundaries = torch.arange(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side)
     frac_h = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(rows))
     frac_w = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(cols))
     bucket_h = torch.bucketize(frac_h, boundaries, right=True)
     bucket_w = torch.bucketize(frac_w, boundaries, right=True)
-    return (bucket_h[:, None] * num_patches_per_side + bucket_w).flatten()
+    return (bucket_h[:, None] * num_patches_per_side + bucket_w).flatten().to(device)
 
 
 class StripVisionEmbeddings(Idefics2VisionEmbeddings):
-    """Idefics2 patch + position embeddings with the position ids computed as in transformers 4.40
-    (later releases compute the fractional coordinates differently, e.g. in the pixel dtype)."""
+    """Idefics2 patch + position embeddings for the official all-true patch mask: every image of the batch
+    gets the position ids of the whole (1 x longest strip) grid, as in the released model."""
 
     def forward(self, pixel_values, patch_attention_mask):
-        batch, _, height, width = pixel_values.shape
+        if not patch_attention_mask.all():
+            raise ValueError("MiniCPM-Llama3-V 2.5 feeds its vision tower an all-true patch mask")
         embeddings = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        flat_mask = patch_attention_mask.view(batch, -1)
-        position_ids = torch.zeros(flat_mask.shape, dtype=torch.long)
-        grids = torch.stack([patch_attention_mask[:, :, 0].sum(1), patch_attention_mask[:, 0, :].sum(1)], 1).cpu()
-        for i, (rows, cols) in enumerate(grids.tolist()):
-            position_ids[i, flat_mask[i].cpu()] = _strip_position_ids(rows, cols, self.num_patches_per_side)
-        return embeddings + self.position_embedding(position_ids.to(embeddings.device))
+        rows, cols = patch_attention_mask.shape[1:]
+        position_ids = _strip_position_ids(rows, cols, self.num_patches_per_side, embeddings.device)
+        return embeddings + self.position_embedding(position_ids)[None]
 
 
 def pack_pixel_strips(strips):

@@ -6,7 +6,9 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6001}
-DS_CONFIG=${DS_CONFIG:-ds_config_zero2.json}
+DS_CONFIG=${DS_CONFIG:-ds_config_zero2.json}   # "none": plain PyTorch (one GPU, no ZeRO)
+DEEPSPEED=()
+[ "$DS_CONFIG" != none ] && DEEPSPEED=(--deepspeed "$DS_CONFIG")
 
 if python3 -c 'import torch, sys; sys.exit(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()))'; then
     PRECISION=(--bf16 true)
@@ -26,7 +28,7 @@ launch() {
         --model_name_or_path "$MODEL" \
         --data_path "$DATA" \
         ${EVAL_DATA:+--eval_data_path "$EVAL_DATA" --eval_strategy steps --eval_steps 500} \
-        --deepspeed "$DS_CONFIG" \
+        "${DEEPSPEED[@]}" \
         "${PRECISION[@]}" \
         --model_max_length 2048 \
         --per_device_train_batch_size 1 \

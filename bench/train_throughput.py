@@ -1,0 +1,169 @@
+"""Training throughput and memory of the real training path (finetune.finetune.main, what finetune_lora.sh and
+finetune_ds.sh run) on the full-size MiniCPM-Llama3-V 2.5 architecture with random bf16 weights.
+
+    python bench/train_throughput.py --data DIR/train.json --name lora_speed -- [finetune.py flags]
+    torchrun --nproc_per_node N bench/train_throughput.py --data ... --name full_zero2 -- --deepspeed ds_config_zero2.json ...
+
+Data: ../shared/bench/make_bench_data.py --n 256 --seed 1234. Times optimizer steps (CUDA-synchronised),
+discards the first --warmup, and writes JSON: samples/s, LLM tokens/s, vision patches/s (real, unpadded), MFU
+(peers.md section 4: LLM 6N per token, or 4N for frozen LoRA weights, attention 3x forward; vision 3x forward
+when trained, 1x when frozen; resampler likewise; dense peak 989.4 TFLOP/s per GPU), peak allocated/reserved
+memory, GPU utilisation, versions and the command.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from finetune import finetune as entry  # noqa: E402
+from finetune.official_format import official_config, reference_model_dir  # noqa: E402
+from replace_file import MiniCPMV, MiniCPMVConfig  # noqa: E402
+
+PEAK_FLOPS = 989.4e12
+CFG = official_config()
+D, L, N_LLM = CFG["hidden_size"], CFG["num_hidden_layers"], 7.505e9
+V = CFG["vision_config"]
+N_VIT = V["num_hidden_layers"] * (4 * V["hidden_size"] ** 2 + 2 * V["hidden_size"] * V["intermediate_size"])
+
+
+def random_model(path, dtype, attn_implementation):
+    """The full architecture with random weights, created on the GPU (partitioned under ZeRO-3)."""
+    config = MiniCPMVConfig.from_pretrained(path)
+    if transformers.integrations.is_deepspeed_zero3_enabled():
+        return MiniCPMV._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    with torch.device("cuda"):
+        return MiniCPMV._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def batch_flops(batch, lora, tune_vision, tune_resampler=True):
+    """Model FLOPs of one micro-batch: honest (4N for frozen LoRA weights) and as peers report (6N)."""
+    lengths = batch["attention_mask"].sum(1).double().cpu()
+    attn = 3 * (2 * lengths ** 2 * D * L).sum()  # causal-halved 2*s*d*L per token, x3 for training
+    tokens = lengths.sum()
+    vision = 0.0
+    if batch["pixel_values"] is not None:
+        patches = (batch["tgt_sizes"][:, 0] * batch["tgt_sizes"][:, 1]).double().cpu()
+        k = 3 if tune_vision else 1
+        vit_attn = 4 * patches ** 2 * V["hidden_size"] * V["num_hidden_layers"]
+        vision += k * (2 * N_VIT * patches + vit_attn).sum()
+        q, h, kv = CFG["query_num"], D, V["hidden_size"]
+        resampler = 2 * patches * kv * h + 4 * patches * h * h + 2 * q * h * h * 3 + 4 * q * patches * h
+        vision += (3 if tune_resampler else 1) * resampler.sum()
+    honest = (4 if lora else 6) * N_LLM * tokens + attn + vision
+    as_peers = 6 * N_LLM * tokens + attn + vision
+    return float(honest), float(as_peers), float(tokens), float(patches.sum()) if batch["pixel_values"] is not None else 0.0
+
+
+class Meter(TrainerCallback):
+    """Per optimizer step: wall time (synchronised), samples, tokens, patches, FLOPs; GPU utilisation sampled."""
+
+    def __init__(self, lora, tune_vision):
+        self.lora, self.tune_vision = lora, tune_vision
+        self.steps, self.current, self.util, self._stop = [], None, [], threading.Event()
+
+    def count(self, batch):
+        honest, peers, tokens, patches = batch_flops(batch, self.lora, self.tune_vision)
+        c = self.current
+        c["samples"] += batch["input_ids"].shape[0]
+        c["tokens"] += tokens
+        c["patches"] += patches
+        c["flops"] += honest
+        c["flops_6n"] += peers
+
+    def on_step_begin(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        self.current = dict(start=time.perf_counter(), samples=0, tokens=0.0, patches=0.0, flops=0.0, flops_6n=0.0)
+
+    def on_step_end(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        self.current["seconds"] = time.perf_counter() - self.current.pop("start")
+        self.steps.append(self.current)
+
+    def on_train_begin(self, *a, **kw):
+        def sample():
+            while not self._stop.wait(0.5):
+                try:
+                    self.util.append(torch.cuda.utilization())
+                except Exception:
+                    return
+        threading.Thread(target=sample, daemon=True).start()
+
+    def on_train_end(self, *a, **kw):
+        self._stop.set()
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", default="bench/results")
+    a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+
+    lora = "--use_lora" in extra and extra[extra.index("--use_lora") + 1] == "true"
+    tune_vision = not ("--tune_vision" in extra and extra[extra.index("--tune_vision") + 1] == "false")
+    meter = Meter(lora, tune_vision)
+    orig_trainer = entry.MiniCPMVTrainer
+
+    class MeteredTrainer(orig_trainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.add_callback(meter)
+
+        def compute_loss(self, model, inputs, *args, **kw):
+            if model.training and meter.current is not None:
+                meter.count(inputs)  # each micro-batch the step consumes
+            return super().compute_loss(model, inputs, *args, **kw)
+
+    entry.MiniCPMVTrainer = MeteredTrainer
+    args = ["--model_name_or_path", reference_model_dir(), "--data_path", a.data, "--output_dir", f"/tmp/bench_{a.name}",
+            "--max_steps", str(a.steps), "--save_strategy", "no", "--report_to", "none", "--bf16", "true",
+            "--logging_steps", "5", "--learning_rate", "1e-5", "--dataloader_num_workers", "8",
+            "--dataloader_pin_memory", "true", "--dataloader_persistent_workers", "true"] + extra
+    torch.cuda.reset_peak_memory_stats()
+    trainer = entry.main(args, build_model=random_model)
+    # the dataloader prefetches: count only what the timed steps consumed, per step
+    timed = meter.steps[a.warmup:]
+    world = trainer.args.world_size
+    seconds = sum(s["seconds"] for s in timed)
+    per_rank = {k: sum(s[k] for s in timed) for k in ("samples", "tokens", "patches", "flops", "flops_6n")}
+    tensor = torch.tensor([per_rank[k] for k in ("samples", "tokens", "patches", "flops", "flops_6n")], device="cuda",
+                          dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(tensor)
+    samples, tokens, patches, flops, flops_6n = tensor.tolist()
+    peak_alloc = torch.tensor([torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30],
+                              device="cuda")
+    if world > 1:
+        torch.distributed.all_reduce(peak_alloc, op=torch.distributed.ReduceOp.MAX)
+    report = dict(
+        name=a.name, command="python bench/train_throughput.py " + " ".join(argv), date=time.strftime("%Y-%m-%d"),
+        device=torch.cuda.get_device_name(), gpus=world, host=platform.node(),
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version()),
+        steps_timed=len(timed), samples_per_step=int(samples / max(len(timed), 1)),
+        samples_per_s=samples / seconds, samples_per_s_per_gpu=samples / seconds / world,
+        llm_tokens_per_s=tokens / seconds, vision_patches_per_s=patches / seconds,
+        mfu=flops / seconds / (PEAK_FLOPS * world), mfu_6n=flops_6n / seconds / (PEAK_FLOPS * world),
+        peak_allocated_gib=peak_alloc[0].item(), peak_reserved_gib=peak_alloc[1].item(),
+        gpu_utilisation_mean=sum(meter.util) / max(len(meter.util), 1), step_seconds=[round(s["seconds"], 3) for s in timed],
+        finetune_args=args)
+    if trainer.args.process_index == 0:
+        print(json.dumps({k: v for k, v in report.items() if k not in ("finetune_args", "step_seconds")}, indent=1))
+        os.makedirs(a.out, exist_ok=True)
+        Path(a.out, f"train_{a.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
