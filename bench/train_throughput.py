@@ -66,9 +66,10 @@ def batch_flops(batch, lora, tune_vision, tune_resampler=True):
 class Meter(TrainerCallback):
     """Per optimizer step: wall time (synchronised), samples, tokens, patches, FLOPs; GPU utilisation sampled."""
 
-    def __init__(self, lora, tune_vision):
+    def __init__(self, lora, tune_vision, profile_at=None, profile_dir=None):
         self.lora, self.tune_vision = lora, tune_vision
         self.steps, self.current, self.util, self._stop = [], None, [], threading.Event()
+        self.profile_at, self.profile_dir, self.profiler = profile_at, profile_dir, None
 
     def count(self, batch):
         honest, peers, tokens, patches = batch_flops(batch, self.lora, self.tune_vision)
@@ -80,6 +81,10 @@ class Meter(TrainerCallback):
         c["flops_6n"] += peers
 
     def on_step_begin(self, args, state, control, **kw):
+        if self.profile_at is not None and len(self.steps) == self.profile_at:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
         torch.cuda.synchronize()
         self.current = dict(start=time.perf_counter(), samples=0, tokens=0.0, patches=0.0, flops=0.0, flops_6n=0.0)
 
@@ -87,6 +92,12 @@ class Meter(TrainerCallback):
         torch.cuda.synchronize()
         self.current["seconds"] = time.perf_counter() - self.current.pop("start")
         self.steps.append(self.current)
+        if self.profiler is not None and len(self.steps) == self.profile_at + 2:
+            self.profiler.__exit__(None, None, None)
+            averages = self.profiler.key_averages()
+            tables = [averages.table(sort_by=key, row_limit=30) for key in ("self_cpu_time_total", "self_cuda_time_total")]
+            Path(self.profile_dir, "profile.txt").write_text("\n\n".join(tables))
+            self.profiler = None
 
     def on_train_begin(self, *a, **kw):
         def sample():
@@ -110,11 +121,12 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--profile", action="store_true", help="profile two steps after the warm-up into OUT/profile.txt")
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
     lora = "--use_lora" in extra and extra[extra.index("--use_lora") + 1] == "true"
     tune_vision = not ("--tune_vision" in extra and extra[extra.index("--tune_vision") + 1] == "false")
-    meter = Meter(lora, tune_vision)
+    meter = Meter(lora, tune_vision, a.warmup if a.profile else None, a.out)
     orig_trainer = entry.MiniCPMVTrainer
 
     class MeteredTrainer(orig_trainer):

@@ -7,8 +7,8 @@ Order of setup, and why:
 2. tokenizer and config, then the data check: every sample is validated and measured on the main process
    before any weights load, so a bad data set fails in seconds, with the full list of problems;
 3. the model, after the TrainingArguments exist, so that under ZeRO-3 it is created partitioned;
-4. trainable modules / LoRA (the Trainer then enables gradient checkpointing, non-reentrant by default here,
-   so frozen embeddings need no gradients);
+4. gradient checkpointing on the chosen modules (non-reentrant, so frozen embeddings need no gradients), then
+   trainable modules / LoRA;
 5. train (resuming from the newest *complete* checkpoint when asked), then save the final folder atomically.
 """
 import logging
@@ -93,6 +93,11 @@ def main(argv=None, build_model=load_model):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     model = build_model(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
     model.config.use_cache = False
+    if training_args.gradient_checkpointing:  # enabled here, per module, instead of by the Trainer
+        modules = {"all": [model.llm, model.vpm], "vision": [model.vpm], "llm": [model.llm]}
+        for module in modules[tune_args.checkpointing_modules]:
+            module.gradient_checkpointing_enable(training_args.gradient_checkpointing_kwargs)
+        training_args.gradient_checkpointing = False
     model = configure_trainable(model, tune_args)
     if not training_args.deepspeed:
         upcast_trainable(model)

@@ -166,6 +166,10 @@ class MiniCPMV(PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_llm_embedding(input_ids, pixel_values, tgt_sizes, image_bound)
         kwargs.pop("use_cache", None)
+        if labels is not None and attention_mask is not None and _right_padded(attention_mask):
+            # Under the causal mask no real token sees right padding, so the padding mask changes nothing
+            # that is scored (the official code never passed it); without it attention runs the causal kernel.
+            attention_mask = None
         hidden = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                 position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
         loss = logits = None
@@ -272,6 +276,11 @@ def decode_answer(ids, tokenizer):
     if len(ids) and ids[-1] in (tokenizer.eos_token_id, tokenizer.eot_id):
         ids = ids[:-1]
     return tokenizer.decode(ids).strip()
+
+
+def _right_padded(attention_mask):
+    """True when every row is ones then zeros (padding only on the right)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def _normalise_images(pixel_values, tgt_sizes, image_bound):
