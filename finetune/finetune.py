@@ -62,8 +62,7 @@ def report_scan(result, name, on_bad_sample, model_max_length):
 
 
 def upcast_trainable(model):
-    """Trainable parameters in fp32 when the frozen ones are bf16/fp16 and no DeepSpeed keeps fp32 master
-    weights: autocast still computes in 16 bits, but updates and optimizer state keep full precision."""
+    """fp16 without DeepSpeed: trainable parameters in fp32 under autocast (the gradient scaler needs them)."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -99,12 +98,16 @@ def main(argv=None, build_model=load_model):
             module.gradient_checkpointing_enable(training_args.gradient_checkpointing_kwargs)
         training_args.gradient_checkpointing = False
     model = configure_trainable(model, tune_args)
-    if not training_args.deepspeed:
+    # bf16 without DeepSpeed: compute in bf16 throughout (no autocast), fp32 master weights in the optimizer
+    master_weights = training_args.bf16 and not training_args.deepspeed
+    if master_weights:
+        training_args.bf16 = False
+    elif training_args.fp16 and not training_args.deepspeed:
         upcast_trainable(model)
     logger.info(trainable_summary(model))
     register_model_files()
 
-    trainer = MiniCPMVTrainer(model=model, args=training_args, train_dataset=datasets["train"],
+    trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights, train_dataset=datasets["train"],
                               eval_dataset=datasets.get("eval"), processing_class=tokenizer,
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
     resume = training_args.resume_from_checkpoint

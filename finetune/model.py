@@ -103,7 +103,8 @@ def configure_trainable(model, tune):
     config = LoraConfig(r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
                         target_modules=tune.lora_target_modules, modules_to_save=in_full or None)
     model.requires_grad_(False)
-    return get_peft_model(model, config)
+    # adapters in the model's dtype: precision of the update is the optimizer's business (fp32 masters)
+    return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 def trainable_summary(model):

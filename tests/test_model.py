@@ -122,3 +122,22 @@ def test_tokenizer_attributes(tokenizer):
 def test_dtype_conversion(ckpt_dir):
     model = load_model(ckpt_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_master_weight_adamw_matches_fp32_adamw():
+    """bf16 parameters, fp32 masters: the update is fp32 AdamW's; the parameters are its rounding."""
+    from finetune.trainer import MasterWeightAdamW
+    torch.manual_seed(0)
+    reference = torch.nn.Parameter(torch.randn(64, 32))
+    param = torch.nn.Parameter(reference.detach().bfloat16())
+    ours = MasterWeightAdamW([{"params": [param], "weight_decay": 0.1}], lr=1e-2)
+    fp32 = torch.optim.AdamW([{"params": [reference], "weight_decay": 0.1}], lr=1e-2)
+    reference.data = param.detach().float()  # start both from the same (bf16-representable) weights
+    for _ in range(5):
+        grad = torch.randn(64, 32)
+        param.grad, reference.grad = grad.bfloat16(), grad.bfloat16().float()
+        ours.step(), fp32.step()
+        torch.testing.assert_close(ours.master_params[0], reference.detach(), rtol=0, atol=0)
+        assert torch.equal(param.detach(), reference.detach().bfloat16())
+    ours.load_state_dict(ours.state_dict())
+    assert torch.equal(ours.master_params[0], param.detach().float())
