@@ -22,10 +22,20 @@ def main(argv=None):
     check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     check.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    synth = sub.add_parser("synth", help="write synthetic GUICourse-style data (answers only in the screenshots)")
+    synth.add_argument("out_dir")
+    synth.add_argument("--n", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--blank", action="store_true", help="blank screenshots (a control that cannot see the answer)")
+
     args = parser.parse_args(argv)
     if args.command == "check":
         from .check import run_check
         return run_check(args)
+    if args.command == "synth":
+        from .synth import write_synthetic
+        print(f"wrote {args.n} samples to {write_synthetic(args.out_dir, args.n, args.seed, args.blank)}")
+        return 0
 
 
 if __name__ == "__main__":
