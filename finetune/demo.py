@@ -1,7 +1,7 @@
 """The embedded demo: what `bash finetune_lora.sh` (or finetune_ds.sh) runs when MODEL and DATA are unset.
 
 It builds, once (cached), a small model in the official MiniCPM-Llama3-V 2.5 format (the real Llama-3 tokenizer
-with MiniCPM's special tokens, small dimensions, 112-px slices) and synthetic GUI data whose answers are only in
+with MiniCPM's special tokens, small dimensions, images scaled to about 112x112 px, unsliced) and synthetic GUI data whose answers are only in
 the screenshots; trains it twice through the given launch script, on the screenshots and on blanked ones (the
 control), and scores both on held-out screenshots. Images are wired right when the first clearly beats the second.
 
@@ -19,15 +19,15 @@ import torch
 from .data.synth import write_synthetic
 from .official_format import official_config, write_config, write_tokenizer
 
-CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "minicpmv-finetune", "demo-v1")
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "minicpmv-finetune", "demo-v6")
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, query_num=16,
-                   slice_config={"max_slice_nums": 2, "scale_resolution": 112},
+                   slice_config={"max_slice_nums": 1, "scale_resolution": 112},
                    vision_config={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
                                   "num_hidden_layers": 2})
 N_TRAIN, N_TEST = 3000, 200
 # demo hyper-parameters: a randomly initialised tiny model needs a high learning rate to learn in minutes
-TRAIN_ARGS = ["--max_steps", "250", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
+TRAIN_ARGS = ["--max_steps", "400", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
               "--warmup_steps", "0.05", "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0.0",
               "--tune_vision", "true", "--gradient_checkpointing", "false", "--dataloader_num_workers", "2",
               "--save_strategy", "no", "--logging_steps", "25", "--report_to", "none", "--weight_decay", "0.0",
@@ -42,6 +42,12 @@ def build_model(folder):
     write_tokenizer(folder)
     torch.manual_seed(0)
     model = MiniCPMV(MiniCPMVConfig.from_pretrained(folder))
+    # Scales a pretrained model has and the default init (std 0.02) lacks: LM-head rows large enough for a
+    # confident choice among 128k tokens (the normalised hidden state of a tiny model cannot reach that margin
+    # through LoRA alone), and vision position embeddings that make patch features say where they are.
+    with torch.no_grad():
+        model.llm.lm_head.weight.normal_(std=0.3)
+        model.vpm.embeddings.position_embedding.weight.normal_(std=0.5)
     register_model_files()
     model.to(torch.float16).save_pretrained(folder)
     return folder

@@ -1,6 +1,7 @@
 """Synthetic GUICourse-style data whose answers are only in the screenshot, for smoke tests and the demo.
 
-Each screenshot (web page or phone screen) holds coloured buttons on a 3x3 layout grid. Tasks, in the
+Each screenshot (web page or phone screen) holds one coloured button in one cell of a 2x2 layout grid (its
+colour and place drawn at random). Tasks, in the
 GUICourse prompt formats with 0-1000 coordinates:
 - GUIEnv text2bbox: a colour in, the `<box>` of that colour's button out;
 - GUIEnv bbox2text: a `<box>` in, the colour of the button there out;
@@ -15,26 +16,22 @@ import random
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
-GRID = 3
+GRID = 2
 ENV_PROMPT = ("<image>\n## Your Task\nIf the input is a string, please give me the element regions including this string. "
               "Else if the input is a region, please give me the string (text) in this region.## Input\n{}\n## Output\n")
 ACT_PROMPT = "<image>\nActions History\n\nYour Task\n{}\nGenerate next actions to do this task."
 
 
 def render(rng, size, blank):
-    """A screenshot with one button of each colour in distinct grid cells; returns (image, {colour: cell})."""
+    """A screenshot with a button of a random colour in a random grid cell; returns (image, colour, cell)."""
     width, height = size
     image = Image.new("RGB", size, (250, 250, 250))
-    cells = rng.sample(range(GRID * GRID), len(COLOURS))
-    layout = dict(zip(COLOURS, cells))
-    if blank:
-        return image, layout
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([0, 0, width, height // 12], fill=(60, 60, 70))  # title bar
-    for colour, cell in layout.items():
-        x1, y1, x2, y2 = cell_box_pixels(cell, size)
-        draw.rectangle([x1, y1, x2, y2], fill=COLOURS[colour])
-    return image, layout
+    colour, cell = rng.choice(sorted(COLOURS)), rng.randrange(GRID * GRID)
+    if not blank:
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([0, 0, width, height // 12], fill=(60, 60, 70))  # title bar
+        draw.rectangle(cell_box_pixels(cell, size), fill=COLOURS[colour])
+    return image, colour, cell
 
 
 def cell_box_pixels(cell, size):
@@ -56,9 +53,7 @@ def cell_point(cell):
     return (x1 + x2) // 2, (y1 + y2) // 2
 
 
-def make_sample(rng, index, image_name, layout, phone):
-    colour = rng.choice(sorted(COLOURS))
-    cell = layout[colour]
+def make_sample(rng, index, image_name, colour, cell, phone):
     box = "<box>({},{}),({},{})</box>".format(*cell_box(cell))
     point = "<point>({},{})</point>".format(*cell_point(cell))
     if phone:
@@ -88,8 +83,8 @@ def write_synthetic(out_dir, n, seed=0, blank=False, web_size=(448, 252), phone_
     with open(path, "w") as f:
         for i in range(n):
             phone = i % 4 == 3
-            image, layout = render(rng, phone_size if phone else web_size, blank)
+            image, colour, cell = render(rng, phone_size if phone else web_size, blank)
             name = f"images/{i:06d}.png"
             image.save(os.path.join(out_dir, name))
-            f.write(json.dumps(make_sample(rng, i, name, layout, phone)) + "\n")
+            f.write(json.dumps(make_sample(rng, i, name, colour, cell, phone)) + "\n")
     return path
