@@ -1,5 +1,7 @@
-"""Finetuning toolkit for MiniCPM-Llama3-V 2.5. `finetune.load(path)` returns (model, tokenizer) for a base,
-full or LoRA checkpoint folder."""
-from .model import load_any as load
+"""Finetuning toolkit for MiniCPM-Llama3-V 2.5."""
 
-__all__ = ["load"]
+
+def load(path, **kwargs):
+    """(model, tokenizer) for a base, full or LoRA checkpoint folder; see finetune.model.load_any."""
+    from .model import load_any
+    return load_any(path, **kwargs)

@@ -19,7 +19,7 @@ import torch
 from .data.synth import write_synthetic
 from .official_format import official_config, write_config, write_tokenizer
 
-CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "minicpmv-finetune", "demo-v6")
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "minicpmv-finetune", "demo-v7")
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, query_num=16,
                    slice_config={"max_slice_nums": 1, "scale_resolution": 112},
@@ -68,48 +68,17 @@ def prepare(cache=CACHE):
     return paths
 
 
-def evaluate(model_dir, test_file, batch_size=16):
-    """Greedy answers on the test file; exact-match accuracy (the answer is the whole assistant text)."""
-    from PIL import Image
-    from .data.collator import collate
-    from .data.conversation import ImageSettings, encode_conversation
+def evaluate(model_dir, test_file):
+    """Greedy predictions on the test file (finetune.predict); exact-match accuracy of the whole answer."""
     from .model import load_any
-    from replace_file.modeling_minicpmv import decode_answer
+    from .predict import predict
     model, tokenizer = load_any(model_dir, dtype=torch.float32)
-    model.eval()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    settings = ImageSettings.from_config(base.config)
-    samples = [json.loads(line) for line in open(test_file)]
-    folder = os.path.dirname(test_file)
-    correct = 0
-    for start in range(0, len(samples), batch_size):
-        batch_samples = samples[start:start + batch_size]
-        examples = [encode_conversation(s["conversations"][:1], [Image.open(os.path.join(folder, s["image"])).convert("RGB")],
-                                        tokenizer, settings) for s in batch_samples]
-        header = tokenizer("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False).input_ids
-        for ex in examples:  # prompt = the user turn + the assistant header, left-padded for generation
-            ex["input_ids"] = torch.cat([ex["input_ids"], torch.tensor(header)])
-            ex["labels"] = torch.full_like(ex["input_ids"], -100)
-        batch = left_pad(collate(examples), tokenizer.pad_token_id)
-        out = base.generate(**batch, tokenizer=tokenizer, max_new_tokens=24, do_sample=False)
-        for s, ids in zip(batch_samples, out):
-            correct += decode_answer(ids, tokenizer) == s["conversations"][1]["content"].strip()
-    return correct / len(samples)
-
-
-def left_pad(batch, pad_token_id):
-    """Right-padded collator output -> left padding (for generation); image bounds shift with the tokens."""
-    lengths = batch["attention_mask"].sum(1)
-    width = batch["input_ids"].shape[1]
-    ids = torch.full_like(batch["input_ids"], pad_token_id)
-    mask = torch.zeros_like(batch["attention_mask"])
-    bounds = []
-    for b, n in enumerate(lengths.tolist()):
-        ids[b, width - n:] = batch["input_ids"][b, :n]
-        mask[b, width - n:] = 1
-        bounds.append(batch["image_bound"][b] + (width - n))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], tgt_sizes=batch["tgt_sizes"],
-                image_bound=bounds)
+    output = os.path.join(model_dir, "predictions.jsonl")
+    if os.path.exists(output):
+        os.remove(output)
+    predict(model.eval(), tokenizer, test_file, output, batch_size=16, progress=False, max_new_tokens=24)
+    rows = [json.loads(line) for line in open(output)]
+    return sum(r.get("prediction") == r["answer"] for r in rows) / len(rows)
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ colour and place drawn at random). Tasks, in the
 GUICourse prompt formats with 0-1000 coordinates:
 - GUIEnv text2bbox: a colour in, the `<box>` of that colour's button out;
 - GUIEnv bbox2text: a `<box>` in, the colour of the button there out;
-- GUIAct web click: "Click the red button." -> `click, <point>(x,y)</point>`;
+- GUIAct web click: "Click the red button." -> `click, <box>(x1,y1),(x2,y2)</box>`;
 - GUIAct smartphone tap: "Tap the blue button." -> `tap, <point>(x,y)</point>`.
 With --blank the same samples get blank screenshots: the control, which can only learn answer priors.
 """
@@ -66,7 +66,7 @@ def make_sample(rng, index, image_name, colour, cell, phone):
         elif task == "bbox2text":
             conversation = [ENV_PROMPT.format(box), colour]
         else:
-            conversation = [ACT_PROMPT.format(f"Click the {colour} button."), f"actions:\nclick, {point}"]
+            conversation = [ACT_PROMPT.format(f"Click the {colour} button."), f"actions:\nclick, {box}"]
     sample = {"id": f"synth_{index}_{task}", "image": image_name,
               "conversations": [{"role": "user", "content": conversation[0]},
                                 {"role": "assistant", "content": conversation[1]}]}
