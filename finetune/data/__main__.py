@@ -28,10 +28,35 @@ def main(argv=None):
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--blank", action="store_true", help="blank screenshots (a control that cannot see the answer)")
 
+    convert = sub.add_parser("convert-guicourse", help="GUICourse release (JSON + parquet) -> conversation JSONL")
+    convert.add_argument("raw_dir")
+    convert.add_argument("out_dir")
+    convert.add_argument("--subsets", default="guienv,guiact-web-single,guiact-web-multi,guiact-smartphone,guichat")
+    convert.add_argument("--coords", choices=["paren", "space"], default="paren",
+                         help="<box>(x1,y1),(x2,y2)</box> (MiniCPM-V finetune style) or <box>x1 y1 x2 y2</box>")
+    convert.add_argument("--split", choices=["train", "test"], default="train")
+
     args = parser.parse_args(argv)
     if args.command == "check":
         from .check import run_check
         return run_check(args)
+    if args.command == "convert-guicourse":
+        from .guicourse import SUBSETS, ReleaseError, convert
+        subsets = args.subsets.split(",")
+        unknown = [s for s in subsets if s not in SUBSETS]
+        if unknown:
+            parser.error(f"unknown subsets {unknown}; choose from {', '.join(SUBSETS)}")
+        try:
+            report = convert(args.raw_dir, args.out_dir, subsets, args.split, args.coords)
+        except ReleaseError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for subset, r in report.items():
+            drops = {k: v for k, v in r.items() if k not in ("file", "written", "dropped")}
+            print(f"{subset}: {r.get('written', 0)} samples -> {r['file']}" + (f"; dropped {drops}" if drops else ""))
+            for uid, why in r["dropped"][:10]:
+                print(f"  dropped {uid}: {why}")
+        return 0
     if args.command == "synth":
         from .synth import write_synthetic
         print(f"wrote {args.n} samples to {write_synthetic(args.out_dir, args.n, args.seed, args.blank)}")
