@@ -5,9 +5,6 @@
 # Extra arguments go to finetune.py (any transformers TrainingArguments flag) and override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ -z "${MODEL:-}" ] && [ -z "${DATA:-}" ]; then  # nothing configured: the embedded demo
-    exec python3 -m finetune.demo --script "$(basename "$0")" "$@"
-fi
 source scripts/launch_env.sh
 
 launch \

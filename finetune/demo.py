@@ -27,7 +27,7 @@ DEMO_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, 
                                   "num_hidden_layers": 2})
 N_TRAIN, N_TEST = 3000, 200
 # demo hyper-parameters: a randomly initialised tiny model needs a high learning rate to learn in minutes
-TRAIN_ARGS = ["--max_steps", "400", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+TRAIN_ARGS = ["--max_steps", "600", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
               "--warmup_steps", "0.05", "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0.0",
               "--tune_vision", "true", "--gradient_checkpointing", "false", "--dataloader_num_workers", "2",
               "--save_strategy", "no", "--logging_steps", "25", "--report_to", "none", "--weight_decay", "0.0",

@@ -1,6 +1,10 @@
 # Shared by finetune_ds.sh and finetune_lora.sh: environment -> torchrun + finetune.py with common defaults.
 # bf16 where the GPU has it, fp32 otherwise (on CPU DeepSpeed runs with DS_ACCELERATOR=cpu).
 
+if [ -z "${MODEL:-}" ] && [ -z "${DATA:-}" ]; then  # nothing configured: the embedded demo, through this script
+    exec python3 -m finetune.demo --script "$(basename "$0")" "$@"
+fi
+
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
