@@ -17,7 +17,6 @@ from threading import Thread
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedModel, TextIteratorStreamer
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast

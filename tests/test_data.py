@@ -5,12 +5,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from hypothesis import given, settings as hsettings, strategies as st
 from PIL import Image
 
 from finetune.data.collator import collate
-from finetune.data.conversation import ImageSettings, encode_conversation
+from finetune.data.conversation import ImageSettings
 from finetune.data.dataset import ConversationDataset, ScanOptions, placeholder_token_count, scan
 from finetune.data.records import RecordFile, SampleError
 from replace_file.image_processing_minicpmv import image_placeholder, slice_image, slice_plan

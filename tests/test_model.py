@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from finetune.data.collator import collate
-from finetune.model import CheckpointError, load_model, load_tokenizer
+from finetune.model import CheckpointError, load_model
 
 
 @pytest.fixture()
