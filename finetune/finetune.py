@@ -31,16 +31,16 @@ logger = logging.getLogger("finetune")
 
 def main_process_scan(paths, tokenizer, settings, options, args):
     """Scan on the main process and share the result: other ranks wait rather than repeat the work."""
-    result = None
+    result = files = None
     if args.process_index == 0:
         result = scan(paths, tokenizer, settings, options)
-        result.files = [rf.path for rf in result.files]  # ranks re-open the files themselves
+        files, result.files = result.files, [rf.path for rf in result.files]  # paths travel, not the buffers
     if dist.is_available() and dist.is_initialized() and args.world_size > 1:
         shared = [result]
         dist.broadcast_object_list(shared, src=0)
         result = shared[0]
     from .data.records import RecordFile
-    result.files = [RecordFile(p) for p in result.files]
+    result.files = files or [RecordFile(p) for p in result.files]  # other ranks read the files themselves
     return result
 
 

@@ -136,9 +136,7 @@ def action_result(pred, gold, elements=None, image_size=None):
         return 0.0, False
     p_arg = pred[1]
     if name in ("click", "hover") and not parse_boxes(argument):  # a click given as a point: as a tap
-        g, p = _first(parse_points(argument), "<point> in the gold"), _target_point(p_arg)
-        d = math.hypot((g[0] - p[0]) / 1000, (g[1] - p[1]) / 1000)
-        return max(0.0, 1 - d / TAP_THRESHOLD), d <= TAP_THRESHOLD
+        return _tap_result(_first(parse_points(argument), "<point> in the gold"), _target_point(p_arg))
     if name in ("click", "hover"):
         g, p = parse_boxes(argument)[0], _first(parse_boxes(p_arg), "<box>")
         return iou(p, g), _box_hit(p, g, elements, image_size)
@@ -148,9 +146,7 @@ def action_result(pred, gold, elements=None, image_size=None):
         value_f1 = f1(p_value, g_value)
         return (value_f1 + iou(p, g)) / 2, value_f1 > 0.5 and _box_hit(p, g, elements, image_size)
     if name == "tap":
-        g, p = parse_points(argument)[0], _first(parse_points(p_arg), "<point>")
-        d = math.hypot((g[0] - p[0]) / 1000, (g[1] - p[1]) / 1000)
-        return max(0.0, 1 - d / TAP_THRESHOLD), d <= TAP_THRESHOLD
+        return _tap_result(parse_points(argument)[0], _first(parse_points(p_arg), "<point>"))
     if name in ("input", "answer"):
         score = f1(p_arg, argument)
         return score, score > 0.5
@@ -170,6 +166,12 @@ def action_result(pred, gold, elements=None, image_size=None):
         ok = _direction(p[1][0] - p[0][0], p[1][1] - p[0][1]) == _direction(g[1][0] - g[0][0], g[1][1] - g[0][1])
         return float(ok), ok
     return 1.0, True  # enter, copy: the name is the action
+
+
+def _tap_result(gold, pred):
+    """Score 1 - d / 0.14 and success d <= 0.14, d the distance in normalised (0-1) coordinates."""
+    d = math.hypot((gold[0] - pred[0]) / 1000, (gold[1] - pred[1]) / 1000)
+    return max(0.0, 1 - d / TAP_THRESHOLD), d <= TAP_THRESHOLD
 
 
 def _target_point(text):

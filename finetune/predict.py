@@ -14,27 +14,19 @@ import torch
 from tqdm import tqdm
 
 from .data.collator import collate
-from .data.conversation import ImageSettings, encode_conversation
-from .data.records import RecordFile, open_image
+from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
+from .data.records import RecordFile
 from .model import default_dtype, load_any
 from replace_file.modeling_minicpmv import decode_answer
 
-ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
-
-def prompt_example(record, records, tokenizer, settings):
+def prompt_example(record, index, records, tokenizer, settings):
     """The sample's conversation up to its last user turn, rendered as the inference template renders it."""
     turns = record.get("conversations") or []
     if not turns:
         raise ValueError("no conversations")
     context = turns[:-1] if turns[-1]["role"] == "assistant" else turns
-    images = []
-    for path in records.image_paths(record):
-        try:
-            images.append(open_image(path))
-        except ValueError as e:
-            raise ValueError(e.args[-1]) from None
-    example = encode_conversation(context, images, tokenizer, settings)
+    example = encode_conversation(context, records.open_images(record, index), tokenizer, settings)
     header = torch.tensor(tokenizer(ASSISTANT_HEADER, add_special_tokens=False).input_ids)
     example["input_ids"] = torch.cat([example["input_ids"], header])
     example["labels"] = torch.full_like(example["input_ids"], -100)
@@ -92,7 +84,7 @@ def predict(model, tokenizer, data_path, output_path, batch_size=8, progress=Tru
                 try:
                     if "_error" in record:
                         raise ValueError(record["_error"])
-                    ready.append((row, prompt_example(record, records, tokenizer, settings)))
+                    ready.append((row, prompt_example(record, i, records, tokenizer, settings)))
                 except Exception as e:  # one bad sample never stops the run
                     row["error"] = f"{type(e).__name__}: {e}"
                     rows.append(row)

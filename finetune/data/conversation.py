@@ -18,8 +18,9 @@ TRAIN_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
     "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}")
+ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 # What the released tokenizer_config.json holds; `chat()` relies on it ending with the assistant header.
-INFERENCE_CHAT_TEMPLATE = TRAIN_CHAT_TEMPLATE + "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+INFERENCE_CHAT_TEMPLATE = TRAIN_CHAT_TEMPLATE + "{{ '" + ASSISTANT_HEADER + "' }}"
 
 
 @dataclass(frozen=True)

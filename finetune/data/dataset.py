@@ -15,7 +15,7 @@ from tqdm import tqdm
 from replace_file.image_processing_minicpmv import image_placeholder, slice_plan
 
 from .conversation import IGNORE_INDEX, encode_conversation, tokenize_conversation
-from .records import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TAG, RecordFile, SampleError, open_image, validate_record
+from .records import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TAG, RecordFile, SampleError, validate_record
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +63,8 @@ class _Scanner:
         try:
             record = rf.record(index)
             sample_id, conversations = validate_record(record, rf.path, index)
-            sizes = []
-            for path in rf.image_paths(record):
-                try:
-                    sizes.append(open_image(path, self.options.max_image_pixels, self.options.decode_images).size)
-                except ValueError as e:
-                    raise SampleError(rf.path, index, sample_id, e.args[0], e.args[1]) from None
+            sizes = [image.size for image in
+                     rf.open_images(record, index, self.options.max_image_pixels, self.options.decode_images)]
         except SampleError as e:
             return "error", e, None
         s = self.settings
@@ -174,12 +170,7 @@ class ConversationDataset:
         record = rf.record(index)
         sample_id = record.get("id", index)
         try:
-            images = []
-            for path in rf.image_paths(record):
-                try:
-                    images.append(open_image(path, self.options.max_image_pixels))
-                except ValueError as e:
-                    raise SampleError(rf.path, index, sample_id, e.args[0], e.args[1]) from None
+            images = rf.open_images(record, index, self.options.max_image_pixels)
             conversations = record["conversations"][:entry["n_turns"]]
             return dict(encode_conversation(conversations, images, self.tokenizer, self.settings), id=sample_id)
         except SampleError as e:

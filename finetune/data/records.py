@@ -91,6 +91,16 @@ class RecordFile:
         images = [] if images is None else [images] if isinstance(images, str) else images
         return [p if os.path.isabs(p) else os.path.join(self.folder, p) for p in images]
 
+    def open_images(self, record, index, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, decode=True):
+        """The sample's images (see open_image); a problem is a SampleError naming this file and sample."""
+        images = []
+        for path in self.image_paths(record):
+            try:
+                images.append(open_image(path, max_pixels, decode))
+            except ValueError as e:
+                raise SampleError(self.path, index, record.get("id", index), e.args[0], e.args[1]) from None
+        return images
+
 
 def validate_record(record, path, index):
     """Structure checks of one sample; returns (id, conversations, image paths as given)."""

@@ -15,10 +15,10 @@ import random
 
 from PIL import Image, ImageDraw
 
+from .guicourse import ENV_PROMPT
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 GRID = 2
-ENV_PROMPT = ("<image>\n## Your Task\nIf the input is a string, please give me the element regions including this string. "
-              "Else if the input is a region, please give me the string (text) in this region.## Input\n{}\n## Output\n")
 ACT_PROMPT = "<image>\nActions History\n\nYour Task\n{}\nGenerate next actions to do this task."
 
 
