@@ -13,7 +13,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from .data.collator import collate
+from .data.collator import HOST_KEYS, collate
 from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
 from .data.records import RecordFile
 from .model import default_dtype, load_any
@@ -48,8 +48,8 @@ def left_pad(batch, pad_token_id):
 
 def generate_answers(model, tokenizer, examples, **generate_kwargs):
     batch = collate(examples, pad_token_id=tokenizer.pad_token_id)
-    batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in left_pad(batch, tokenizer.pad_token_id).items()}
-    batch["image_bound"] = [b.to(model.device) for b in batch["image_bound"]]
+    batch = {k: v.to(model.device) if torch.is_tensor(v) and k not in HOST_KEYS else v
+             for k, v in left_pad(batch, tokenizer.pad_token_id).items()}
     outputs = model.generate(**batch, tokenizer=tokenizer, **generate_kwargs)
     return [decode_answer(ids, tokenizer) for ids in outputs]
 

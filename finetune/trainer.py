@@ -7,36 +7,51 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from .data.collator import HOST_KEYS
+
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
-    """AdamW whose update is applied to fp32 copies of 16-bit parameters, then copied back into them."""
+    """AdamW applied to fp32 master copies of 16-bit parameters, then copied back into them. Each parameter
+    group's masters are one flat fp32 tensor, so gathering the gradients, the update and the copy back are a
+    few large kernels instead of several small ones per parameter (hundreds of them: 20-30 ms a step).
+    A parameter without a gradient in a step counts as a zero gradient (its moments decay)."""
 
     def __init__(self, param_groups, **kwargs):
-        self.model_params, groups = [], []
+        self.model_groups, groups = [], []
         for group in param_groups:
             params = list(group["params"])
-            self.model_params += params
-            groups.append(dict(group, params=[p.detach().float().requires_grad_() for p in params]))
+            self.model_groups.append(params)
+            master = torch.cat([p.detach().float().flatten() for p in params]).requires_grad_()
+            groups.append(dict(group, params=[master]))
         super().__init__(groups, **kwargs)
-        self.master_params = [p for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
     def step(self, closure=None):
-        for master, param in zip(self.master_params, self.model_params):
-            master.grad = None if param.grad is None else param.grad.float()
+        for group, params in zip(self.param_groups, self.model_groups):
+            master = group["params"][0]
+            # the (already clipped) 16-bit gradients, converted while concatenated; freed at once
+            master.grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                     for p in params], out=torch.empty_like(master))
+            for p in params:
+                p.grad = None
         loss = super().step(closure)
-        torch._foreach_copy_(self.model_params, self.master_params)
+        for group, params in zip(self.param_groups, self.model_groups):
+            master = group["params"][0]
+            master.grad = None
+            flat = master.to(params[0].dtype).split([p.numel() for p in params])
+            torch._foreach_copy_(params, [t.view_as(p) for t, p in zip(flat, params)])
         return loss
 
     @torch.no_grad()
     def load_state_dict(self, state_dict):
         # masters restart from the (16-bit) model weights of the checkpoint; moments and step come back
         super().load_state_dict(state_dict)
-        torch._foreach_copy_(self.master_params, [p.float() for p in self.model_params])
+        for group, params in zip(self.param_groups, self.model_groups):
+            torch.cat([p.float().flatten() for p in params], out=group["params"][0].data)
 
 
 class MiniCPMVTrainer(Trainer):
@@ -56,6 +71,11 @@ class MiniCPMVTrainer(Trainer):
                                            betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
                                            fused=torch.cuda.is_available())
         return self.optimizer
+
+    def _prepare_inputs(self, inputs):
+        # image metadata is read on the host (positions, spans); on the GPU each read would be a synchronisation
+        on_host = {k: inputs.pop(k) for k in HOST_KEYS if k in inputs}
+        return {**super()._prepare_inputs(inputs), **on_host}
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

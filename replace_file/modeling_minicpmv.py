@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import LlamaForCausalLM, PreTrainedModel, TextIteratorStreamer
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
 
 from .configuration_minicpm import MiniCPMVConfig
@@ -46,13 +46,26 @@ class StripVisionEmbeddings(Idefics2VisionEmbeddings):
     """Idefics2 patch + position embeddings for the official all-true patch mask: every image of the batch
     gets the position ids of the whole (1 x longest strip) grid, as in the released model."""
 
-    def forward(self, pixel_values, patch_attention_mask):
-        if not patch_attention_mask.all():
-            raise ValueError("MiniCPM-Llama3-V 2.5 feeds its vision tower an all-true patch mask")
+    def forward(self, pixel_values):
         embeddings = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        rows, cols = patch_attention_mask.shape[1:]
+        rows, cols = (side // self.patch_size for side in pixel_values.shape[2:])
         position_ids = _strip_position_ids(rows, cols, self.num_patches_per_side, embeddings.device)
         return embeddings + self.position_embedding(position_ids)[None]
+
+
+class StripVisionTransformer(Idefics2VisionTransformer):
+    """The Idefics2 vision tower as the released model runs it: with the all-true patch mask there is no
+    attention mask at all (nothing to build or inspect on the GPU, so no synchronisation)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = StripVisionEmbeddings(config)
+
+    def forward(self, pixel_values, patch_attention_mask=None, **kwargs):
+        if patch_attention_mask is not None:
+            raise ValueError("MiniCPM-Llama3-V 2.5 feeds its vision tower an all-true patch mask: pass none")
+        hidden = self.encoder(inputs_embeds=self.embeddings(pixel_values), **kwargs).last_hidden_state
+        return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden))
 
 
 def pack_pixel_strips(strips):
@@ -78,8 +91,7 @@ class MiniCPMV(PreTrainedModel):
         self.llm = LlamaForCausalLM(config)
         vision_config = config.vision_config
         vision_config._attn_implementation = config._attn_implementation
-        self.vpm = Idefics2VisionTransformer(vision_config)
-        self.vpm.embeddings = StripVisionEmbeddings(vision_config)
+        self.vpm = StripVisionTransformer(vision_config)
         if config.drop_vision_last_layer:
             self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
         self.resampler = Resampler(num_queries=config.query_num, embed_dim=config.hidden_size,
@@ -119,10 +131,8 @@ class MiniCPMV(PreTrainedModel):
     def get_vision_embedding(self, pixel_values, tgt_sizes):
         """[N, 3, P, Lmax*P] strips + [N, 2] patch grids -> [N, query_num, hidden] image features."""
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
-        n_patches = pixel_values.shape[-1] // self.config.patch_size
-        # The official 2.5 mask: all true (its per-image masking indexes the wrong dimension).
-        patch_mask = torch.ones(pixel_values.shape[0], 1, n_patches, dtype=torch.bool, device=pixel_values.device)
-        hidden = self.vpm(pixel_values.to(dtype), patch_attention_mask=patch_mask).last_hidden_state
+        # The official 2.5 mask is all true (its per-image masking indexes the wrong dimension): no mask.
+        hidden = self.vpm(pixel_values.to(dtype)).last_hidden_state
         return self.resampler(hidden, tgt_sizes)
 
     def _dummy_vision_feature(self, device):
@@ -150,7 +160,7 @@ class MiniCPMV(PreTrainedModel):
                 rows.append(torch.full((end - start,), b))
         if len(rows) != features.shape[0]:
             raise ValueError(f"{features.shape[0]} images but {len(rows)} image spans in the token ids")
-        index = (torch.cat(rows).to(embeds.device), torch.cat(cols).to(embeds.device))
+        index = (torch.cat(rows).to(embeds.device, non_blocking=True), torch.cat(cols).to(embeds.device, non_blocking=True))
         return embeds.index_put(index, features.reshape(-1, features.shape[-1]).to(embeds.dtype))
 
     # ---- training / scoring -----------------------------------------------------------------------------

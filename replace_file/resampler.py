@@ -10,6 +10,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 @lru_cache(maxsize=8)
@@ -61,7 +62,10 @@ class ResamplerAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[-1]))
 
 
-class Resampler(nn.Module):
+class Resampler(GradientCheckpointingLayer):
+    """A checkpointable layer: its [images, patches, 4096] activations are the largest left once the vision
+    tower is recomputed."""
+
     def __init__(self, num_queries, embed_dim, num_heads, kv_dim):
         super().__init__()
         self.embed_dim = embed_dim
@@ -75,10 +79,11 @@ class Resampler(nn.Module):
 
     def forward(self, x, tgt_sizes):
         """x [B, Lmax, kv_dim] vision features, tgt_sizes [B, 2] patch rows/cols -> [B, num_queries, D]."""
+        tgt_sizes = tgt_sizes.cpu()  # a no-op for the training batches, which keep this metadata on the CPU
         lengths = tgt_sizes[:, 0] * tgt_sizes[:, 1]
-        key_padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None].to(x.device)
+        key_padding_mask = (torch.arange(x.shape[1])[None, :] >= lengths[:, None]).to(x.device, non_blocking=True)
         x = self.ln_kv(self.kv_proj(x))
-        pos = sincos_positions(self.embed_dim, tgt_sizes.cpu(), x.device, x.dtype)
+        pos = sincos_positions(self.embed_dim, tgt_sizes, x.device, x.dtype)
         q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
         out = self.attn(q, x + pos, x, key_padding_mask)
         return self.ln_post(out) @ self.proj

@@ -129,8 +129,11 @@ def test_merge_lora_keeps_the_adapter_models_logits(ckpt_dir, conformance, encod
     torch.manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter: non-zero B, changed resampler
         for name, p in model.named_parameters():
-            if "lora_B" in name or ("modules_to_save" in name and "resampler" in name):
+            if "lora_B" in name or ("modules_to_save" in name and ("resampler" in name or "vpm" in name)):
                 p.add_(0.05 * torch.randn_like(p))
+    # peft's frozen originals of the fully trained modules were released; the trained copies are what counts
+    originals = [p for n, p in model.named_parameters() if ".original_module." in n]
+    assert originals and all(p.numel() == 0 for p in originals)
     model.save_pretrained(tmp_path / "adapter")
     load_tokenizer(ckpt_dir).save_pretrained(tmp_path / "adapter")
     merge(str(tmp_path / "adapter"), str(tmp_path / "merged"), dtype=torch.float32)
@@ -141,8 +144,10 @@ def test_merge_lora_keeps_the_adapter_models_logits(ckpt_dir, conformance, encod
     base = load_model(ckpt_dir, dtype=torch.float32)
     with torch.no_grad():
         expected = adapter_model.eval()(**batch, return_logits=True).logits
+        in_memory = model.eval()(**batch, return_logits=True).logits
         got = merged.eval()(**batch, return_logits=True).logits
         original = base.eval()(**batch, return_logits=True).logits
+    torch.testing.assert_close(expected, in_memory, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert (got - original).abs().max() > 1e-2  # not the base model
     assert (tmp_path / "merged" / "modeling_minicpmv.py").exists()

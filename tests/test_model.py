@@ -32,18 +32,62 @@ def test_loss_equals_full_logits_cross_entropy(model, batch):
     assert scaled.loss.item() == pytest.approx(out.loss.item() / 2, rel=1e-5)
 
 
-def test_gradient_checkpointing_gives_same_gradients(ckpt_dir, batch):
-    grads = []
-    for checkpointing in (False, True):
-        model = load_model(ckpt_dir, dtype=torch.float32).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model(**batch).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    assert any(n.startswith("vpm.") for n in grads[0]) and any(n.startswith("resampler.") for n in grads[0])
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+def _gradients(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("modules,every_n", [("all", 1), ("vision", 2), ("resampler", 1)])
+def test_checkpointing_choices_recompute_the_chosen_blocks_with_same_gradients(ckpt_dir, batch, modules, every_n):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from finetune.finetune import enable_checkpointing
+    _, reference = _gradients(load_model(ckpt_dir, dtype=torch.float32).train(), batch)
+    model = load_model(ckpt_dir, dtype=torch.float32).train()
+    enable_checkpointing(model, modules, every_n, {"use_reentrant": False})
+    on = {n.split(".")[0] + ("" if n == "resampler" else f".{n.rsplit('.', 1)[-1]}")
+          for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing}
+    n_llm, n_vision = model.config.num_hidden_layers, model.config.vision_config.num_hidden_layers
+    expected = {"all": {f"llm.{i}" for i in range(n_llm)} | {f"vpm.{i}" for i in range(n_vision)} | {"resampler"},
+                "vision": {f"vpm.{i}" for i in range(0, n_vision, 2)} | {"resampler"}, "resampler": {"resampler"}}
+    assert on == expected[modules]
+    _, grads = _gradients(model, batch)
+    assert grads.keys() == reference.keys()
+    assert any(n.startswith("vpm.") for n in grads) and any(n.startswith("resampler.") for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_blocks_match_eager_without_graph_breaks_or_recompiles(ckpt_dir, batch, encode, conformance):
+    """LoRA + vision tower trained + every other vision block recomputed, compiled by inductor: the same loss
+    and gradients as eager, in one graph per block kind however the batch shape changes."""
+    import torch._dynamo
+    from finetune.arguments import TuneArguments
+    from finetune.finetune import compile_blocks, enable_checkpointing
+    from finetune.model import configure_trainable
+    tune = TuneArguments(use_lora=True, lora_dropout=0.0)
+    smaller = collate([encode(i) for i in conformance.expected["batches"][0]["ids"][:2]])
+    smaller.pop("sample_ids")
+    batches = [batch, smaller]
+    results = []
+    for compiled in (False, True):
+        model = load_model(ckpt_dir, dtype=torch.float32)
+        enable_checkpointing(model, "vision", 2, {"use_reentrant": False})
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model = configure_trainable(model, tune).train()
+        if compiled:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            compile_blocks(model)
+        results.append([_gradients(model, b) for b in batches + batches[:1]])
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] <= 4, dict(counters)
+    for (loss, grads), (loss_c, grads_c) in zip(*results):
+        assert loss_c == pytest.approx(loss, rel=1e-5)
+        assert grads.keys() == grads_c.keys() and any(".lora_A." in n for n in grads)
+        for name in grads:
+            torch.testing.assert_close(grads_c[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_text_only_batch_trains_and_touches_the_vision_path(ckpt_dir, tokenizer):
@@ -125,19 +169,33 @@ def test_dtype_conversion(ckpt_dir):
 
 
 def test_master_weight_adamw_matches_fp32_adamw():
-    """bf16 parameters, fp32 masters: the update is fp32 AdamW's; the parameters are its rounding."""
+    """bf16 parameters, flat fp32 masters per group: the update is fp32 AdamW's, parameter by parameter, with
+    each group's weight decay; the parameters are its rounding; a resumed optimizer restarts from them."""
     from finetune.trainer import MasterWeightAdamW
     torch.manual_seed(0)
-    reference = torch.nn.Parameter(torch.randn(64, 32))
-    param = torch.nn.Parameter(reference.detach().bfloat16())
-    ours = MasterWeightAdamW([{"params": [param], "weight_decay": 0.1}], lr=1e-2)
-    fp32 = torch.optim.AdamW([{"params": [reference], "weight_decay": 0.1}], lr=1e-2)
-    reference.data = param.detach().float()  # start both from the same (bf16-representable) weights
+    shapes = [[(64, 32), (7,)], [(5, 3)]]
+    params = [[torch.nn.Parameter(torch.randn(s).bfloat16()) for s in group] for group in shapes]
+    references = [[torch.nn.Parameter(p.detach().float()) for p in group] for group in params]
+    decays = [0.1, 0.0]
+    ours = MasterWeightAdamW([{"params": g, "weight_decay": d} for g, d in zip(params, decays)], lr=1e-2)
+    fp32 = torch.optim.AdamW([{"params": g, "weight_decay": d} for g, d in zip(references, decays)], lr=1e-2)
     for _ in range(5):
-        grad = torch.randn(64, 32)
-        param.grad, reference.grad = grad.bfloat16(), grad.bfloat16().float()
+        for p, r in zip(sum(params, []), sum(references, [])):
+            grad = torch.randn(p.shape)
+            p.grad, r.grad = grad.bfloat16(), grad.bfloat16().float()
         ours.step(), fp32.step()
-        torch.testing.assert_close(ours.master_params[0], reference.detach(), rtol=0, atol=0)
-        assert torch.equal(param.detach(), reference.detach().bfloat16())
+        for group, refs in zip(ours.param_groups, references):
+            torch.testing.assert_close(group["params"][0], torch.cat([r.detach().flatten() for r in refs]),
+                                       rtol=0, atol=0)
+        for p, r in zip(sum(params, []), sum(references, [])):
+            assert torch.equal(p.detach(), r.detach().bfloat16()) and p.grad is None
     ours.load_state_dict(ours.state_dict())
-    assert torch.equal(ours.master_params[0], param.detach().float())
+    assert torch.equal(ours.param_groups[0]["params"][0], torch.cat([p.detach().float().flatten() for p in params[0]]))
+
+
+def test_vision_tower_refuses_a_patch_mask(model, batch):
+    """The released model's vision tower ran with an all-true mask (no mask at all): a caller that passes one
+    expects masking the model never had."""
+    pixels = batch["pixel_values"][:1]
+    with pytest.raises(ValueError, match="all-true patch mask"):
+        model.vpm(pixels, patch_attention_mask=torch.ones(1, 1, pixels.shape[-1] // 14, dtype=torch.bool))

@@ -6,6 +6,10 @@ from replace_file.modeling_minicpmv import pack_pixel_strips
 
 from .conversation import IGNORE_INDEX
 
+# Batch entries the model reads on the host (image spans, patch grids): they stay on the CPU, since reading
+# them from the GPU would synchronise it.
+HOST_KEYS = ("image_bound", "tgt_sizes")
+
 
 def collate(examples, pad_token_id=0):
     """Examples from `encode_conversation` -> model keyword arguments. Images are packed in sample order
