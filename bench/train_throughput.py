@@ -17,11 +17,14 @@ import platform
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
-import torch
-import transformers
-from transformers import TrainerCallback
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the launch scripts set it
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune import finetune as entry  # noqa: E402
@@ -64,12 +67,17 @@ def batch_flops(batch, lora, tune_vision, tune_resampler=True):
 
 
 class Meter(TrainerCallback):
-    """Per optimizer step: wall time (synchronised), samples, tokens, patches, FLOPs; GPU utilisation sampled."""
+    """Per optimizer step: samples, tokens, patches, FLOPs and wall time. The GPU is synchronised only where the
+    timed window starts and ends (per-step times inside it are host-side and approximate; their sum is exact).
+    With profiling, the two steps before the window are profiled (and not timed): GPU busy fraction, top
+    operators, and which operators block the host (synchronisations, pageable copies)."""
 
-    def __init__(self, lora, tune_vision, profile_at=None, profile_dir=None):
-        self.lora, self.tune_vision = lora, tune_vision
-        self.steps, self.current, self.util, self._stop = [], None, [], threading.Event()
-        self.profile_at, self.profile_dir, self.profiler = profile_at, profile_dir, None
+    def __init__(self, name, lora, tune_vision, warmup, total_steps, profile=False, out_dir=None):
+        self.name, self.lora, self.tune_vision, self.out_dir = name, lora, tune_vision, out_dir
+        self.profile_at = warmup if profile else None
+        self.first_timed, self.total_steps = warmup + (2 if profile else 0), total_steps
+        self.steps, self.current, self.last_end, self.profiler = [], None, None, None
+        self.util, self._stop = [], threading.Event()
 
     def count(self, batch):
         honest, peers, tokens, patches = batch_flops(batch, self.lora, self.tune_vision)
@@ -81,27 +89,51 @@ class Meter(TrainerCallback):
         c["flops_6n"] += peers
 
     def on_step_begin(self, args, state, control, **kw):
-        if self.profile_at is not None and len(self.steps) == self.profile_at:
+        if len(self.steps) == self.profile_at:
+            torch.cuda.synchronize()
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
+                                                               torch.profiler.ProfilerActivity.CUDA], with_stack=True)
             self.profiler.__enter__()
-        torch.cuda.synchronize()
-        self.current = dict(start=time.perf_counter(), samples=0, tokens=0.0, patches=0.0, flops=0.0, flops_6n=0.0)
+            self.last_end = time.perf_counter()
+        start = self.last_end if self.last_end is not None else time.perf_counter()
+        self.current = dict(start=start, samples=0, tokens=0.0, patches=0.0, flops=0.0, flops_6n=0.0)
 
     def on_step_end(self, args, state, control, **kw):
-        torch.cuda.synchronize()
-        self.current["seconds"] = time.perf_counter() - self.current.pop("start")
+        if self.profiler is not None or len(self.steps) + 1 in (self.first_timed, self.total_steps):
+            torch.cuda.synchronize()
+        self.last_end = time.perf_counter()
+        self.current["seconds"] = self.last_end - self.current.pop("start")
         self.steps.append(self.current)
         if self.profiler is not None and len(self.steps) == self.profile_at + 2:
             self.profiler.__exit__(None, None, None)
-            averages = self.profiler.key_averages()
-            tables = [averages.table(sort_by=key, row_limit=30) for key in ("self_cpu_time_total", "self_cuda_time_total")]
-            Path(self.profile_dir, "profile.txt").write_text("\n\n".join(tables))
+            self.write_profile(sum(s["seconds"] for s in self.steps[-2:]))
             self.profiler = None
+            self.last_end = time.perf_counter()  # the next step starts after the report was written
+
+    def write_profile(self, wall_s):
+        averages = self.profiler.key_averages()
+        kernel_s = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e6
+        busy = f"GPU kernel time {kernel_s:.3f} s of {wall_s:.3f} s wall over 2 steps: busy {100 * kernel_s / wall_s:.0f} %"
+        blocking = Counter()
+        for e in self.profiler.events():
+            if e.name in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize"):
+                chain, parent = [], e.cpu_parent
+                while parent is not None and len(chain) < 3:
+                    chain.append(parent.name)
+                    parent = parent.cpu_parent
+                frames = [f for f in (e.stack or []) if "site-packages/torch/" not in f][:4]
+                blocking[f"{e.name} < {' < '.join(chain)} @ {' | '.join(frames)}"] += 1
+        lines = [busy, "host-blocking calls over 2 steps (count, call < parent ops @ Python frames):"]
+        lines += [f"{n:5d} {k}" for k, n in blocking.most_common(25)]
+        lines += [averages.table(sort_by=key, row_limit=40) for key in ("self_cpu_time_total", "self_cuda_time_total")]
+        Path(self.out_dir, f"profile_{self.name}.txt").write_text("\n\n".join(lines))
+        print(busy)
 
     def on_train_begin(self, *a, **kw):
         def sample():
             while not self._stop.wait(0.5):
+                if len(self.steps) < self.first_timed:  # timed steps only
+                    continue
                 try:
                     self.util.append(torch.cuda.utilization())
                 except Exception:
@@ -121,12 +153,15 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--profile", action="store_true", help="profile two steps after the warm-up into OUT/profile.txt")
+    ap.add_argument("--no_cudnn_attention", action="store_true", help="disable the cuDNN SDPA backend (experiment)")
+    ap.add_argument("--profile", action="store_true", help="profile the two steps after the warm-up (not timed) into OUT/profile_NAME.txt")
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
+    if a.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     lora = "--use_lora" in extra and extra[extra.index("--use_lora") + 1] == "true"
     tune_vision = not ("--tune_vision" in extra and extra[extra.index("--tune_vision") + 1] == "false")
-    meter = Meter(lora, tune_vision, a.warmup if a.profile else None, a.out)
+    meter = Meter(a.name, lora, tune_vision, a.warmup, a.steps, a.profile, a.out)
     orig_trainer = entry.MiniCPMVTrainer
 
     class MeteredTrainer(orig_trainer):
@@ -134,10 +169,10 @@ def main():
             super().__init__(*args, **kw)
             self.add_callback(meter)
 
-        def compute_loss(self, model, inputs, *args, **kw):
-            if model.training and meter.current is not None:
-                meter.count(inputs)  # each micro-batch the step consumes
-            return super().compute_loss(model, inputs, *args, **kw)
+        def _prepare_inputs(self, inputs):
+            if self.model.training and meter.current is not None:
+                meter.count(inputs)  # each micro-batch the step consumes, counted on the host
+            return super()._prepare_inputs(inputs)
 
     entry.MiniCPMVTrainer = MeteredTrainer
     args = ["--model_name_or_path", reference_model_dir(), "--data_path", a.data, "--output_dir", f"/tmp/bench_{a.name}",
@@ -147,7 +182,7 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     trainer = entry.main(args, build_model=random_model)
     # the dataloader prefetches: count only what the timed steps consumed, per step
-    timed = meter.steps[a.warmup:]
+    timed = meter.steps[meter.first_timed:]  # profiled steps run slower: not timed
     world = trainer.args.world_size
     seconds = sum(s["seconds"] for s in timed)
     per_rank = {k: sum(s[k] for s in timed) for k in ("samples", "tokens", "patches", "flops", "flops_6n")}

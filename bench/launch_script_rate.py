@@ -1,0 +1,54 @@
+"""Throughput of a run of the launch scripts themselves (finetune_lora.sh / finetune_ds.sh), read from the
+TensorBoard events they write (`--report_to tensorboard`, the scripts' default): samples/s between two logged
+steps, so start-up and compilation stay out of the figure.
+
+    python bench/launch_script_rate.py --make_checkpoint /tmp/random-8b    # full-size random weights, once
+    MODEL=/tmp/random-8b DATA=... bash finetune_lora.sh ... --max_steps 40 --logging_steps 5 --output_dir OUT
+    python bench/launch_script_rate.py --events OUT --from_step 10 --samples_per_step 4
+"""
+import argparse
+import glob
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_checkpoint(folder):
+    """The full architecture with random bf16 weights, saved in the official layout (GPU needed)."""
+    import torch
+    from finetune.official_format import reference_model_dir
+    from bench.train_throughput import random_model
+    reference = reference_model_dir()
+    random_model(reference, torch.bfloat16, "sdpa").save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if Path(reference, name).exists():
+            shutil.copy(Path(reference, name), Path(folder, name))
+
+
+def rate(output_dir, from_step, samples_per_step):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(sorted(glob.glob(f"{output_dir}/**/events.out.tfevents.*", recursive=True))[-1])
+    events.Reload()
+    points = [(e.step, e.wall_time) for e in events.Scalars("train/loss")]
+    (s0, t0), (s1, t1) = next(p for p in points if p[0] >= from_step), points[-1]
+    return dict(steps=s1 - s0, seconds=t1 - t0, samples_per_s=(s1 - s0) * samples_per_step / (t1 - t0))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--make_checkpoint")
+    ap.add_argument("--events", help="the run's output_dir")
+    ap.add_argument("--from_step", type=int, default=10)
+    ap.add_argument("--samples_per_step", type=int, default=4, help="all GPUs together")
+    a = ap.parse_args()
+    if a.make_checkpoint:
+        make_checkpoint(a.make_checkpoint)
+    if a.events:
+        print(json.dumps(rate(a.events, a.from_step, a.samples_per_step)))
+
+
+if __name__ == "__main__":
+    main()
