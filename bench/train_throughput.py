@@ -4,8 +4,8 @@ finetune_ds.sh run) on the full-size MiniCPM-Llama3-V 2.5 architecture with rand
     python bench/train_throughput.py --data DIR/train.json --name lora_speed -- [finetune.py flags]
     torchrun --nproc_per_node N bench/train_throughput.py --data ... --name full_zero2 -- --deepspeed ds_config_zero2.json ...
 
-Data: ../shared/bench/make_bench_data.py --n 256 --seed 1234. Times optimizer steps (CUDA-synchronised),
-discards the first --warmup, and writes JSON: samples/s, LLM tokens/s, vision patches/s (real, unpadded), MFU
+Data: ../shared/bench/make_bench_data.py --n 256 --seed 1234. Times optimizer steps (the GPU synchronised where
+the timed window starts and ends), discards the first --warmup, and writes JSON: samples/s, LLM tokens/s, vision patches/s (real, unpadded), MFU
 (peers.md section 4: LLM 6N per token, or 4N for frozen LoRA weights, attention 3x forward; vision 3x forward
 when trained, 1x when frozen; resampler likewise; dense peak 989.4 TFLOP/s per GPU), peak allocated/reserved
 memory, GPU utilisation, versions and the command.
@@ -153,12 +153,9 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--no_cudnn_attention", action="store_true", help="disable the cuDNN SDPA backend (experiment)")
     ap.add_argument("--profile", action="store_true", help="profile the two steps after the warm-up (not timed) into OUT/profile_NAME.txt")
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
-    if a.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     lora = "--use_lora" in extra and extra[extra.index("--use_lora") + 1] == "true"
     tune_vision = not ("--tune_vision" in extra and extra[extra.index("--tune_vision") + 1] == "false")
     meter = Meter(a.name, lora, tune_vision, a.warmup, a.steps, a.profile, a.out)
@@ -185,9 +182,8 @@ def main():
     timed = meter.steps[meter.first_timed:]  # profiled steps run slower: not timed
     world = trainer.args.world_size
     seconds = sum(s["seconds"] for s in timed)
-    per_rank = {k: sum(s[k] for s in timed) for k in ("samples", "tokens", "patches", "flops", "flops_6n")}
-    tensor = torch.tensor([per_rank[k] for k in ("samples", "tokens", "patches", "flops", "flops_6n")], device="cuda",
-                          dtype=torch.float64)
+    tensor = torch.tensor([sum(s[k] for s in timed) for k in ("samples", "tokens", "patches", "flops", "flops_6n")],
+                          device="cuda", dtype=torch.float64)
     if world > 1:
         torch.distributed.all_reduce(tensor)
     samples, tokens, patches, flops, flops_6n = tensor.tolist()

@@ -69,6 +69,7 @@ def prepare(cache=CACHE):
 
 def evaluate(model_dir, test_file):
     """Greedy predictions on the test file (finetune.predict); exact-match accuracy of the whole answer."""
+    from .data.records import read_jsonl
     from .model import load_any
     from .predict import predict
     model, tokenizer = load_any(model_dir, dtype=torch.float32)
@@ -76,7 +77,7 @@ def evaluate(model_dir, test_file):
     if os.path.exists(output):
         os.remove(output)
     predict(model.eval(), tokenizer, test_file, output, batch_size=16, progress=False, max_new_tokens=24)
-    rows = [json.loads(line) for line in open(output)]
+    rows = read_jsonl(output)
     return sum(r.get("prediction") == r["answer"] for r in rows) / len(rows)
 
 

@@ -93,11 +93,6 @@ def print_table(report):
         print(f"\nmean StepSR over GUIAct sets: {sum(step) / len(step):.2f} (paper: MiniCPM-GUI 57.1)")
 
 
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -105,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--elements")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
-    from .data.records import RecordFile
+    from .data.records import RecordFile, read_jsonl
     records = RecordFile(args.data)
     samples = [records.record(i) for i in range(len(records))]
     predictions = {p["id"]: p for p in read_jsonl(args.predictions)}

@@ -201,5 +201,4 @@ def score_step(prediction, gold, elements=None, image_size=None):
         results.append(action_result(pred_actions[i], g, elements, image_size) if i < len(pred_actions) else (0.0, False))
     return {"type_em": [a[0] for a in pred_actions] == [a[0] for a in gold_actions],
             "step_success": all(ok for _, ok in results),
-            "action_score": sum(s for s, _ in results) / len(results),
-            "gold_names": [a[0] for a in gold_actions]}
+            "action_score": sum(s for s, _ in results) / len(results)}

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .data.collator import HOST_KEYS, collate
 from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
-from .data.records import RecordFile
+from .data.records import RecordFile, read_jsonl
 from .model import default_dtype, load_any
 from replace_file.modeling_minicpmv import decode_answer
 
@@ -59,10 +59,7 @@ def predict(model, tokenizer, data_path, output_path, batch_size=8, progress=Tru
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     settings = ImageSettings.from_config(base.config)
     records = RecordFile(data_path)
-    done = set()
-    if os.path.exists(output_path):
-        with open(output_path, encoding="utf-8") as f:
-            done = {json.loads(line)["id"] for line in f if line.strip()}
+    done = {row["id"] for row in read_jsonl(output_path)} if os.path.exists(output_path) else set()
     todo = []
     for i in range(len(records)):
         try:

@@ -16,9 +16,9 @@ DEEPSPEED=()
 [ "$DS_CONFIG" != none ] && DEEPSPEED=(--deepspeed "$DS_CONFIG")
 
 if python3 -c 'import torch, sys; sys.exit(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()))'; then
-    PRECISION=(--bf16 true --compile_blocks true)  # compiled blocks: ~1.3x, after a minute or two of compiling
+    GPU_DEFAULTS=(--bf16 true --compile_blocks true)  # compiled blocks: ~1.3x, after a minute or two of compiling
 else
-    PRECISION=()
+    GPU_DEFAULTS=()
     python3 -c 'import torch, sys; sys.exit(torch.cuda.is_available())' && export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 
@@ -34,7 +34,7 @@ launch() {
         --data_path "$DATA" \
         ${EVAL_DATA:+--eval_data_path "$EVAL_DATA" --eval_strategy steps --eval_steps 500} \
         "${DEEPSPEED[@]}" \
-        "${PRECISION[@]}" \
+        "${GPU_DEFAULTS[@]}" \
         --model_max_length 2048 \
         --per_device_train_batch_size 1 \
         --gradient_accumulation_steps 1 \

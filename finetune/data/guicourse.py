@@ -28,6 +28,7 @@ SUBSETS = {  # name -> (annotation file, image parquet), {split} in the names
     "guiact-smartphone": ("smartphone_{split}_data.json", "smartphone_{split}_images.parquet"),
     "guichat": ("guichat_data.json", "guichat_images.parquet"),
 }
+GUICHAT_IMAGE = re.compile(r"<image>(.*?)</image>")  # GUIChat's image reference, an id inside the tag
 RELEASE_SPLIT = {"guienv": {"train": "train_stage2", "test": "test"}}  # SFT used GUIEnv's stage-2 part
 CHUNK = 999
 
@@ -99,7 +100,7 @@ def guichat_sample(raw, style):
     """ShareGPT turns; `<image>ID</image>` becomes our `<image>` tag (the id does not leak into the text)."""
     turns = []
     for turn in raw["text"]:
-        text = re.sub(r"<image>.*?</image>", "<image>", turn["value"])
+        text = GUICHAT_IMAGE.sub("<image>", turn["value"])
         text = re.sub(r"<box>\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*</box>",
                       (lambda m: f"<box>({m[1]},{m[2]}),({m[3]},{m[4]})</box>") if style == "paren" else
                       (lambda m: f"<box>{m[1]} {m[2]} {m[3]} {m[4]}</box>"), text)
@@ -179,8 +180,7 @@ def convert(raw_dir, out_dir, subsets, split="train", style="paren", progress=Tr
             raise ReleaseError(f"missing {data_path} (subset {subset}, split {split})")
         raws = json.load(open(data_path, encoding="utf-8"))
         wanted = {r["image_id"] for r in raws} if subset != "guichat" else \
-            {re.search(r"<image>(.*?)</image>", t["value"]).group(1) for r in raws for t in r["text"]
-             if "<image>" in t["value"]}
+            {GUICHAT_IMAGE.search(t["value"]).group(1) for r in raws for t in r["text"] if "<image>" in t["value"]}
         paths, elements = write_images(os.path.join(raw_dir, parquet_name), wanted,
                                        os.path.join(out_dir, "images", subset), subset == "guichat",
                                        subset.startswith("guiact") and split == "test", progress)
@@ -217,7 +217,7 @@ def convert(raw_dir, out_dir, subsets, split="train", style="paren", progress=Tr
 
 def _guichat_image(raw):
     for turn in raw.get("text", []):
-        match = re.search(r"<image>(.*?)</image>", turn["value"])
+        match = GUICHAT_IMAGE.search(turn["value"])
         if match:
             return match.group(1)
     return None

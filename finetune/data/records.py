@@ -102,6 +102,12 @@ class RecordFile:
         return images
 
 
+def read_jsonl(path):
+    """All rows of a small JSONL file that this toolkit wrote (predictions, candidate elements)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def validate_record(record, path, index):
     """Structure checks of one sample; returns (id, conversations, image paths as given)."""
     sample_id = record.get("id", index)

@@ -30,22 +30,16 @@ def render(rng, size, blank):
     if not blank:
         draw = ImageDraw.Draw(image)
         draw.rectangle([0, 0, width, height // 12], fill=(60, 60, 70))  # title bar
-        draw.rectangle(cell_box_pixels(cell, size), fill=COLOURS[colour])
+        draw.rectangle(cell_box(cell, size), fill=COLOURS[colour])
     return image, colour, cell
 
 
-def cell_box_pixels(cell, size):
+def cell_box(cell, size=(1000, 1000)):
+    """The button's box in a cell: in pixels of an image of `size`, by default in 0-1000 coordinates."""
     width, height = size
     row, col = divmod(cell, GRID)
     cw, ch = width / GRID, height / GRID
     return (int(col * cw + cw * 0.2), int(row * ch + ch * 0.3), int(col * cw + cw * 0.8), int(row * ch + ch * 0.7))
-
-
-def cell_box(cell):
-    """The button's box in 0-1000 coordinates."""
-    row, col = divmod(cell, GRID)
-    step = 1000 / GRID
-    return (int(col * step + step * 0.2), int(row * step + step * 0.3), int(col * step + step * 0.8), int(row * step + step * 0.7))
 
 
 def cell_point(cell):
