@@ -130,7 +130,8 @@ def main(argv=None, build_model=load_model):
     logger.info(trainable_summary(model))
     register_model_files()
 
-    trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights, train_dataset=datasets["train"],
+    trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights,
+                              moments_dtype=getattr(torch, tune_args.optimizer_moments_dtype), train_dataset=datasets["train"],
                               eval_dataset=datasets.get("eval"), processing_class=tokenizer,
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
     resume = training_args.resume_from_checkpoint

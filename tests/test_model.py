@@ -193,6 +193,29 @@ def test_master_weight_adamw_matches_fp32_adamw():
     assert torch.equal(ours.param_groups[0]["params"][0], torch.cat([p.detach().float().flatten() for p in params[0]]))
 
 
+def test_master_weight_adamw_with_bf16_moments_follows_fp32_adamw():
+    """bf16 moments: the same update up to their rounding; they stay bf16 across a save and resume."""
+    from finetune.trainer import MasterWeightAdamW
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300, 7)), torch.nn.Parameter(torch.randn(11))]
+    references = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = MasterWeightAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95),
+                             moments_dtype=torch.bfloat16)
+    ours.CHUNK = 1000  # several chunks, one of them partial
+    fp32 = torch.optim.AdamW([{"params": references, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    for step in range(6):
+        if step == 3:
+            ours.load_state_dict(ours.state_dict())
+        for p, r in zip(params, references):
+            p.grad = r.grad = torch.randn(p.shape)
+        ours.step(), fp32.step()
+        state = ours.state[ours.param_groups[0]["params"][0]]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16 and state["step"] == step + 1
+        for p, r in zip(params, references):
+            torch.testing.assert_close(p.detach(), r.detach(), atol=3e-4, rtol=0)
+    assert (params[0] - references[0].detach()).abs().max() > 0  # the moments were rounded, not kept in fp32
+
+
 def test_vision_tower_refuses_a_patch_mask(model, batch):
     """The released model's vision tower ran with an all-true mask (no mask at all): a caller that passes one
     expects masking the model never had."""
