@@ -28,6 +28,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune import finetune as entry  # noqa: E402
+from finetune.checkpoint import save_final  # noqa: E402
 from finetune.official_format import official_config, reference_model_dir  # noqa: E402
 from replace_file import MiniCPMV, MiniCPMVConfig  # noqa: E402
 
@@ -78,6 +79,14 @@ class Meter(TrainerCallback):
         self.first_timed, self.total_steps = warmup + (2 if profile else 0), total_steps
         self.steps, self.current, self.last_end, self.profiler = [], None, None, None
         self.util, self._stop = [], threading.Event()
+        # peak memory per phase (allocated, reserved GiB): where the peak is says which saving can lower it
+        self.peaks = dict(setup=(0.0, 0.0), forward_backward=(0.0, 0.0), optimizer=(0.0, 0.0))
+
+    def take_peak(self, phase):
+        """Fold the allocator's peak since the last call into `phase` and restart it (host-side, no sync)."""
+        now = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+        self.peaks[phase] = tuple(max(a, b) for a, b in zip(self.peaks[phase], now))
+        torch.cuda.reset_peak_memory_stats()
 
     def count(self, batch):
         honest, peers, tokens, patches = batch_flops(batch, self.lora, self.tune_vision)
@@ -89,6 +98,7 @@ class Meter(TrainerCallback):
         c["flops_6n"] += peers
 
     def on_step_begin(self, args, state, control, **kw):
+        self.take_peak("optimizer" if self.steps else "setup")
         if len(self.steps) == self.profile_at:
             torch.cuda.synchronize()
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -97,6 +107,9 @@ class Meter(TrainerCallback):
             self.last_end = time.perf_counter()
         start = self.last_end if self.last_end is not None else time.perf_counter()
         self.current = dict(start=start, samples=0, tokens=0.0, patches=0.0, flops=0.0, flops_6n=0.0)
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.take_peak("forward_backward")
 
     def on_step_end(self, args, state, control, **kw):
         if self.profiler is not None or len(self.steps) + 1 in (self.first_timed, self.total_steps):
@@ -142,6 +155,7 @@ class Meter(TrainerCallback):
 
     def on_train_end(self, *a, **kw):
         self._stop.set()
+        self.take_peak("optimizer")
 
 
 def main():
@@ -153,6 +167,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--save_to", help="after training, save the model folder here (the launch scripts' final save) "
+                                      "and report its time and size")
     ap.add_argument("--profile", action="store_true", help="profile the two steps after the warm-up (not timed) into OUT/profile_NAME.txt")
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
@@ -187,10 +203,11 @@ def main():
     if world > 1:
         torch.distributed.all_reduce(tensor)
     samples, tokens, patches, flops, flops_6n = tensor.tolist()
-    peak_alloc = torch.tensor([torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30],
-                              device="cuda")
+    phases = list(meter.peaks)
+    peaks = torch.tensor([meter.peaks[p] for p in phases], device="cuda")  # [phase, (allocated, reserved)]
     if world > 1:
-        torch.distributed.all_reduce(peak_alloc, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    peak_alloc = peaks.max(0).values
     report = dict(
         name=a.name, command="python bench/train_throughput.py " + " ".join(argv), date=time.strftime("%Y-%m-%d"),
         device=torch.cuda.get_device_name(), gpus=world, host=platform.node(),
@@ -200,8 +217,14 @@ def main():
         llm_tokens_per_s=tokens / seconds, vision_patches_per_s=patches / seconds,
         mfu=flops / seconds / (PEAK_FLOPS * world), mfu_6n=flops_6n / seconds / (PEAK_FLOPS * world),
         peak_allocated_gib=peak_alloc[0].item(), peak_reserved_gib=peak_alloc[1].item(),
+        peak_allocated_gib_by_phase={p: round(v, 2) for p, v in zip(phases, peaks[:, 0].tolist())},
         gpu_utilisation_mean=sum(meter.util) / max(len(meter.util), 1), step_seconds=[round(s["seconds"], 3) for s in timed],
         finetune_args=args)
+    if a.save_to:
+        start = time.perf_counter()
+        save_final(trainer, a.save_to)
+        report["save_seconds"] = time.perf_counter() - start
+        report["save_gib"] = sum(f.stat().st_size for f in Path(a.save_to).rglob("*") if f.is_file()) / 2**30
     if trainer.args.process_index == 0:
         print(json.dumps({k: v for k, v in report.items() if k not in ("finetune_args", "step_seconds")}, indent=1))
         os.makedirs(a.out, exist_ok=True)
