@@ -1,8 +1,9 @@
-"""The Hugging Face Trainer with three additions: length-grouped batches from the token counts the data scan
+"""The Hugging Face Trainer with four additions: length-grouped batches from the token counts the data scan
 already computed (transformers would otherwise encode every sample, images included, to learn them); a stop on
-a non-finite loss that names the step and the samples (the last saved checkpoint stays as it was); and, for a
-bf16 model without DeepSpeed, AdamW on fp32 master weights (what DeepSpeed's bf16 mode does), so the model
-computes in bf16 throughout instead of under autocast with fp32 trainable weights cast at every use."""
+a non-finite loss that names the step and the samples (the last saved checkpoint stays as it was); batches that
+reach the GPU without synchronising it (image metadata kept on the host, non-blocking copies); and, for a bf16
+model without DeepSpeed, AdamW on fp32 master weights (what DeepSpeed's bf16 mode does), so the model computes
+in bf16 throughout instead of under autocast with fp32 trainable weights cast at every use."""
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -85,10 +86,30 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     self.state[master][key] = self.state[master][key].to(self.moments_dtype)
 
 
+class OnHost:
+    """A batch entry that accelerate's device placement passes over (it moves whatever has a `.to`)."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+class HostEntriesCollator:
+    """Wraps the collator so that the HOST_KEYS entries reach `_prepare_inputs` still on the CPU."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        return {k: OnHost(v) if k in HOST_KEYS else v for k, v in self.collate(examples).items()}
+
+
 class MiniCPMVTrainer(Trainer):
-    def __init__(self, *args, master_weights=False, moments_dtype=torch.float32, **kwargs):
+    def __init__(self, model, args, data_collator, master_weights=False, moments_dtype=torch.float32, **kwargs):
         self.master_weights, self.moments_dtype = master_weights, moments_dtype
-        super().__init__(*args, **kwargs)
+        # pinned batches are copied without waiting for the GPU (accelerate's default copy synchronises)
+        args.accelerator_config.non_blocking = args.dataloader_pin_memory
+        super().__init__(model=model, args=args, data_collator=HostEntriesCollator(data_collator), **kwargs)
 
     def create_optimizer(self, model=None):
         if not self.master_weights:
@@ -104,8 +125,9 @@ class MiniCPMVTrainer(Trainer):
         return self.optimizer
 
     def _prepare_inputs(self, inputs):
-        # image metadata is read on the host (positions, spans); on the GPU each read would be a synchronisation
-        on_host = {k: inputs.pop(k) for k in HOST_KEYS if k in inputs}
+        # image metadata is read on the host (positions, spans); on the GPU each read would be a synchronisation,
+        # and so would moving it there
+        on_host = {k: inputs.pop(k).value for k in HOST_KEYS if k in inputs}
         return {**super()._prepare_inputs(inputs), **on_host}
 
     def _get_train_sampler(self, train_dataset=None):

@@ -187,6 +187,19 @@ def test_wrong_llm_type_qlora_and_bf16_moments_without_bf16_are_refused(ckpt_dir
     assert out.returncode != 0 and "--optimizer_moments_dtype bfloat16 needs --bf16 true" in out.stderr
 
 
+def test_image_metadata_passes_device_placement_on_the_host(encode, conformance):
+    """accelerate moves every batch tensor to the GPU before the Trainer sees it; the image spans and patch
+    grids must stay on the CPU, where the model reads them without synchronising the GPU."""
+    from accelerate.utils import send_to_device
+    from finetune.data.collator import HOST_KEYS, collate
+    from finetune.trainer import HostEntriesCollator
+    batch = HostEntriesCollator(collate)([encode(i) for i in conformance.expected["batches"][0]["ids"]])
+    placed = send_to_device(batch, "meta")  # what the prepared dataloader does, to a device with no data
+    assert placed["input_ids"].is_meta and placed["pixel_values"].is_meta
+    on_host = {k: placed.pop(k).value for k in HOST_KEYS}
+    assert on_host["tgt_sizes"].device.type == "cpu" and all(b.device.type == "cpu" for b in on_host["image_bound"])
+
+
 def test_legacy_flags_are_translated():
     argv = ["--evaluation_strategy", "steps", "--warmup_ratio=0.01", "--group_by_length", "true",
             "--logging_dir", "runs/x", "--learning_rate", "1e-4"]
