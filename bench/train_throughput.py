@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the launch scripts set it
@@ -29,6 +30,7 @@ from transformers import TrainerCallback  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune import finetune as entry  # noqa: E402
 from finetune.checkpoint import save_final  # noqa: E402
+from finetune.trainer import OnHost  # noqa: E402
 from finetune.official_format import official_config, reference_model_dir  # noqa: E402
 from replace_file import MiniCPMV, MiniCPMVConfig  # noqa: E402
 
@@ -67,6 +69,14 @@ def batch_flops(batch, lora, tune_vision, tune_resampler=True):
     return float(honest), float(as_peers), float(tokens), float(patches.sum()) if batch["pixel_values"] is not None else 0.0
 
 
+def counted_collate(collate, lora, tune_vision, examples):
+    """The training collator, plus the batch's sample count and FLOPs, computed in the dataloader worker while
+    the tensors are still on the CPU (counting them on the GPU would synchronise it)."""
+    batch = collate(examples)
+    batch["bench_counts"] = OnHost((batch["input_ids"].shape[0], *batch_flops(batch, lora, tune_vision)))
+    return batch
+
+
 class Meter(TrainerCallback):
     """Per optimizer step: samples, tokens, patches, FLOPs and wall time. The GPU is synchronised only where the
     timed window starts and ends (per-step times inside it are host-side and approximate; their sum is exact).
@@ -88,10 +98,10 @@ class Meter(TrainerCallback):
         self.peaks[phase] = tuple(max(a, b) for a, b in zip(self.peaks[phase], now))
         torch.cuda.reset_peak_memory_stats()
 
-    def count(self, batch):
-        honest, peers, tokens, patches = batch_flops(batch, self.lora, self.tune_vision)
+    def count(self, counts):
+        samples, honest, peers, tokens, patches = counts
         c = self.current
-        c["samples"] += batch["input_ids"].shape[0]
+        c["samples"] += samples
         c["tokens"] += tokens
         c["patches"] += patches
         c["flops"] += honest
@@ -178,13 +188,14 @@ def main():
     orig_trainer = entry.MiniCPMVTrainer
 
     class MeteredTrainer(orig_trainer):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
+        def __init__(self, model, args, data_collator, **kw):
+            super().__init__(model, args, partial(counted_collate, data_collator, lora, tune_vision), **kw)
             self.add_callback(meter)
 
         def _prepare_inputs(self, inputs):
+            counts = inputs.pop("bench_counts").value
             if self.model.training and meter.current is not None:
-                meter.count(inputs)  # each micro-batch the step consumes, counted on the host
+                meter.count(counts)  # each micro-batch the step consumes
             return super()._prepare_inputs(inputs)
 
     entry.MiniCPMVTrainer = MeteredTrainer
