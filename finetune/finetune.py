@@ -131,8 +131,8 @@ def main(argv=None, build_model=load_model):
     register_model_files()
 
     trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights,
-                              moments_dtype=getattr(torch, tune_args.optimizer_moments_dtype), train_dataset=datasets["train"],
-                              eval_dataset=datasets.get("eval"), processing_class=tokenizer,
+                              moments_dtype=getattr(torch, tune_args.optimizer_moments_dtype),
+                              train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "auto", "latest"):

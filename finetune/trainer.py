@@ -66,12 +66,14 @@ class MasterWeightAdamW(torch.optim.AdamW):
             state["step"] += 1
             step, (beta1, beta2), lr = state["step"].item(), group["betas"], group["lr"]
             step_size, bias_correction2_sqrt = lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
-            for p, g, m, v in zip(*(t.split(self.CHUNK) for t in (master, master.grad, state["exp_avg"], state["exp_avg_sq"]))):
+            chunks = (t.split(self.CHUNK) for t in (master, master.grad, state["exp_avg"], state["exp_avg_sq"]))
+            for p, g, m, v in zip(*chunks):
                 m32 = m.float().lerp_(g, 1 - beta1)
                 v32 = v.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.addcdiv_(m32, (v32.sqrt() / bias_correction2_sqrt).add_(group["eps"]), value=-step_size)
-                m.copy_(m32), v.copy_(v32)
+                m.copy_(m32)
+                v.copy_(v32)
 
     @torch.no_grad()
     def load_state_dict(self, state_dict):
