@@ -133,7 +133,8 @@ def main(argv=None, build_model=load_model):
     trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights,
                               moments_dtype=getattr(torch, tune_args.optimizer_moments_dtype),
                               train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
-                              data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
+                              data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,
+                                                    pad_to_multiple_of=data_args.pad_to_multiple_of))
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "auto", "latest"):
         resume = latest_complete_checkpoint(training_args.output_dir)

@@ -32,6 +32,18 @@ def test_loss_equals_full_logits_cross_entropy(model, batch):
     assert scaled.loss.item() == pytest.approx(out.loss.item() / 2, rel=1e-5)
 
 
+def test_padding_to_a_multiple_changes_no_loss(model, batch, encode, conformance):
+    """Token lengths rounded up (fewer attention shapes): padding is right-hand, unsupervised and unseen."""
+    padded = collate([encode(i) for i in conformance.expected["batches"][0]["ids"]], pad_to_multiple_of=64)
+    padded.pop("sample_ids")
+    width = batch["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] == -(-width // 64) * 64 > width
+    assert torch.equal(padded["input_ids"][:, :width], batch["input_ids"]) and (padded["input_ids"][:, width:] == 0).all()
+    assert (padded["labels"][:, width:] == -100).all() and torch.equal(padded["attention_mask"].sum(1), batch["attention_mask"].sum(1))
+    with torch.no_grad():
+        assert model(**padded).loss.item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+
+
 def _gradients(model, batch):
     model.zero_grad()
     loss = model(**batch).loss

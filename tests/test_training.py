@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.arguments import translate_legacy_flags
+from finetune.arguments import parse_args, translate_legacy_flags
 from finetune.checkpoint import latest_complete_checkpoint, restore_template
 from finetune.data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 from finetune.model import load_any, load_model
@@ -185,6 +185,8 @@ def test_wrong_llm_type_qlora_and_bf16_moments_without_bf16_are_refused(ckpt_dir
     assert out.returncode != 0 and "--q_lora is not supported" in out.stderr
     out = run_finetune(base + ["--optimizer_moments_dtype", "bfloat16"])  # an fp32 run on this CPU
     assert out.returncode != 0 and "--optimizer_moments_dtype bfloat16 needs --bf16 true" in out.stderr
+    with pytest.raises(SystemExit, match="--pad_to_multiple_of must be >= 1"):
+        parse_args(base + ["--output_dir", "unused", "--pad_to_multiple_of", "0"])
 
 
 def test_image_metadata_passes_device_placement_on_the_host(encode, conformance):
