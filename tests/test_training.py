@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from finetune.arguments import parse_args, translate_legacy_flags
 from finetune.checkpoint import latest_complete_checkpoint, restore_template
@@ -62,6 +63,12 @@ def batch_for(samples, ckpt_dir, conformance):
     return batch
 
 
+def losses(folder):
+    """Logged training loss per step, from the step-3 checkpoint's trainer state."""
+    state = json.loads((folder / "checkpoint-3" / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
 def logits_and_loss(model, batch):
     with torch.no_grad():
         out = model.eval()(**batch, return_logits=True)
@@ -101,9 +108,6 @@ def test_zero3_full_finetune_saves_reloads_and_resumes_exactly(train_data, ckpt_
                    ckpt_dir)
     assert "checkpoint-9 is incomplete" in run.stdout + run.stderr
 
-    def losses(folder):
-        state = json.loads((folder / "checkpoint-3" / "trainer_state.json").read_text())
-        return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
     assert losses(resumed)[3] == pytest.approx(losses(full)[3], rel=1e-4)
     torch.testing.assert_close(logits_and_loss(load_model(resumed, dtype=torch.float32), batch)[0], trained_logits,
                                atol=1e-4, rtol=1e-4)
@@ -131,6 +135,28 @@ def test_zero2_lora_trains_adapters_and_resampler_only(train_data, ckpt_dir, tmp
     assert torch.equal(merged.llm.model.embed_tokens.weight, base.llm.model.embed_tokens.weight)
     assert torch.equal(merged.vpm.post_layernorm.weight, base.vpm.post_layernorm.weight)
     assert not torch.equal(merged.resampler.query, base.resampler.query)
+
+
+@pytest.mark.slow
+def test_bf16_lora_without_deepspeed_keeps_bf16_moments_and_resumes(train_data, ckpt_dir, tmp_path):
+    """One process, no DeepSpeed, bf16 (the single-GPU recipe, here on the CPU): AdamW on fp32 masters with bf16
+    moments; the checkpoint holds both, and a resumed run ends with exactly the uninterrupted run's weights."""
+    common = ["--data_path", str(train_data / "train.json"), "--use_cpu", "true", "--bf16", "true",
+              "--use_lora", "true", "--lora_r", "4", "--lora_dropout", "0", "--tune_vision", "true",
+              "--optimizer_moments_dtype", "bfloat16",
+              "--learning_rate", "1e-3", "--save_steps", "2", "--max_steps", "3"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    torchrun(common + ["--output_dir", str(full)], ckpt_dir, nproc=1)
+    state = torch.load(full / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 and s["master"].dtype == torch.float32
+               and s["step"] == 2 for s in state.values())
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", "true"], ckpt_dir, nproc=1)
+    assert losses(resumed)[3] == losses(full)[3]
+    # step 3 from the restored masters and moments: the same weights as the uninterrupted run
+    final, again = (load_file(folder / "adapter_model.safetensors") for folder in (full, resumed))
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
 
 
 @pytest.mark.slow
