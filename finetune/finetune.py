@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from transformers import set_seed
 
 from .arguments import parse_args
 from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
@@ -112,6 +113,7 @@ def main(argv=None, build_model=load_model):
         raise SystemExit("no training samples left after the data check")
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    set_seed(training_args.seed)  # the new LoRA weights are drawn before the Trainer would seed
     model = build_model(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
     model.config.use_cache = False
     if training_args.gradient_checkpointing:  # enabled here, per module, instead of by the Trainer

@@ -159,6 +159,16 @@ def test_bf16_lora_without_deepspeed_keeps_bf16_moments_and_resumes(train_data, 
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
 
 
+def test_same_seed_same_lora_run(train_data, ckpt_dir, tmp_path):
+    """The adapters' random initialisation follows --seed, so two runs with the same flags end identical."""
+    args = ["--data_path", str(train_data / "train.json"), "--use_lora", "true", "--lora_r", "4", "--max_steps", "1",
+            "--save_strategy", "no"]
+    for name in ("a", "b"):
+        torchrun(args + ["--output_dir", str(tmp_path / name)], ckpt_dir, nproc=1)
+    first, second = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("a", "b"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.slow
 def test_launch_script_passes_environment_and_arguments(train_data, ckpt_dir, tmp_path):
     env = dict(os.environ, MODEL=str(ckpt_dir), DATA=str(train_data / "train.json"), OUTPUT_DIR=str(tmp_path / "o"),
