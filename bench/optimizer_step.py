@@ -11,11 +11,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from finetune.arguments import TuneArguments  # noqa: E402
 from finetune.model import configure_trainable  # noqa: E402
 from finetune.official_format import official_config  # noqa: E402
 from finetune.trainer import MasterWeightAdamW  # noqa: E402
@@ -26,9 +26,8 @@ def trainable_shapes():
     """The recipe's trainable parameters, built on the meta device (no memory)."""
     with torch.device("meta"):
         model = MiniCPMV._from_config(MiniCPMVConfig(**official_config()), dtype=torch.bfloat16)
-    tune = SimpleNamespace(use_lora=True, lora_r=64, lora_alpha=64, lora_dropout=0.05,
-                           lora_target_modules=r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
-                           tune_resampler=True, tune_vision=True, tune_embed_tokens=False)
+    tune = TuneArguments(use_lora=True, tune_vision=True,
+                         lora_target_modules=r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)")
     model = configure_trainable(model, tune)
     return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
 
@@ -43,18 +42,23 @@ def main():
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02) for s in shapes]
     optimizer = MasterWeightAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-5, betas=(0.9, 0.95),
                                   moments_dtype=getattr(torch, a.moments_dtype))
-    gpu_ms, host_ms = [], []
-    for step in range(a.steps):
-        for p in params:  # what the backward pass leaves
+
+    def leave_gradients():  # what the backward pass leaves
+        for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         torch.cuda.synchronize()
+
+    def clip_and_step():  # as the Trainer does
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    gpu_ms, host_ms = [], []
+    for step in range(a.steps):
+        leave_gradients()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the Trainer does before the step
-        optimizer.step()
-        for p in params:
-            p.grad = None
+        clip_and_step()
         end.record()
         t1 = time.perf_counter()
         torch.cuda.synchronize()
@@ -67,12 +71,9 @@ def main():
                   gpu_ms_median=sorted(gpu_ms)[len(gpu_ms) // 2], host_ms_median=sorted(host_ms)[len(host_ms) // 2],
                   peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                   command="python bench/optimizer_step.py " + " ".join(sys.argv[1:]))
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    torch.cuda.synchronize()
+    leave_gradients()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        clip_and_step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))  # where the GPU time goes
     print(json.dumps(report, indent=1))

@@ -116,8 +116,10 @@ def parse_args(argv=None):
         raise SystemExit("--model_name_or_path and --data_path are required")
     if tune_args.checkpointing_modules not in ("all", "vision", "llm", "resampler"):
         raise SystemExit("--checkpointing_modules takes all|vision|llm|resampler")
-    if tune_args.checkpointing_every_n_layers < 1 or data_args.pad_to_multiple_of < 1:
-        raise SystemExit("--checkpointing_every_n_layers and --pad_to_multiple_of must be >= 1")
+    for flag, value in (("--checkpointing_every_n_layers", tune_args.checkpointing_every_n_layers),
+                        ("--pad_to_multiple_of", data_args.pad_to_multiple_of)):
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}")
     if tune_args.optimizer_moments_dtype not in ("float32", "bfloat16"):
         raise SystemExit("--optimizer_moments_dtype takes float32|bfloat16")
     if tune_args.optimizer_moments_dtype != "float32" and (training_args.deepspeed or not training_args.bf16):
