@@ -28,8 +28,11 @@ class DataArguments:
     check_workers: int = field(default=0, metadata={"help": "processes for the pre-training data check (0: all cores)"})
     decode_images_in_check: bool = field(default=False, metadata={"help": "fully decode images in the check"})
     pad_to_multiple_of: int = field(default=1, metadata={
-        "help": "round each batch's token length up to a multiple of this: fewer distinct shapes (cuDNN attention "
-                "builds plans for every new one, ~0.1 s per shape on an H100)"})
+        "help": "padded batches: round each batch's token length up to a multiple of this, for fewer distinct shapes "
+                "(cuDNN attention builds plans for every new one, ~0.1 s per shape on an H100); not with --padding_free"})
+    padding_free: bool = field(default=False, metadata={
+        "help": "concatenate each batch's samples in one row instead of padding them to the longest (each attends "
+                "only to itself; on GPUs through flash attention's variable-length kernel): no compute on padding"})
 
 
 @dataclass

@@ -114,7 +114,10 @@ def main(argv=None, build_model=load_model):
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     set_seed(training_args.seed)  # the new LoRA weights are drawn before the Trainer would seed
-    model = build_model(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    attn_implementation = model_args.attn_implementation
+    if data_args.padding_free and attn_implementation == "sdpa":
+        attn_implementation = "sdpa_varlen"  # SDPA, and flash's variable-length kernel for concatenated samples
+    model = build_model(path, dtype=dtype, attn_implementation=attn_implementation)
     model.config.use_cache = False
     if training_args.gradient_checkpointing:  # enabled here, per module, instead of by the Trainer
         enable_checkpointing(model, tune_args.checkpointing_modules, tune_args.checkpointing_every_n_layers,
@@ -136,7 +139,8 @@ def main(argv=None, build_model=load_model):
                               moments_dtype=getattr(torch, tune_args.optimizer_moments_dtype),
                               train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,
-                                                    pad_to_multiple_of=data_args.pad_to_multiple_of))
+                                                    pad_to_multiple_of=data_args.pad_to_multiple_of,
+                                                    padding_free=data_args.padding_free))
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "auto", "latest"):
         resume = latest_complete_checkpoint(training_args.output_dir)

@@ -6,7 +6,9 @@ to the vision tower as one 14-pixel-high strip of patches, and the patch mask is
 are the strip's columns bucketed into 70 and padded patches are attended to.
 
 `forward` takes standard keyword arguments and, given `labels` (Hugging Face convention: shifted inside),
-computes the loss from the hidden states of supervised positions only, never materialising full logits.
+computes the loss from the hidden states of supervised positions only, never materialising full logits. It also
+takes padding-free batches: samples concatenated in one row, with position ids restarting per sample and
+transformers' `cu_seq_lens_q`/`max_length_q` keywords marking the boundaries (attention "sdpa_varlen", below).
 """
 import json
 import warnings
@@ -17,8 +19,10 @@ from threading import Thread
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import LlamaForCausalLM, PreTrainedModel, TextIteratorStreamer
+from transformers import AttentionInterface, LlamaForCausalLM, PreTrainedModel, TextIteratorStreamer
 from transformers import initialization as init
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
 
@@ -40,6 +44,26 @@ def _strip_position_ids(rows, cols, num_patches_per_side, device):
     bucket_h = torch.bucketize(frac_h, boundaries, right=True)
     bucket_w = torch.bucketize(frac_w, boundaries, right=True)
     return (bucket_h[:, None] * num_patches_per_side + bucket_w).flatten().to(device)
+
+
+def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """SDPA, except for padding-free batches on the GPU: there the samples concatenated in one row (boundaries in
+    `cu_seq_lens_q`) go through flash attention's variable-length kernel, each attending causally within itself.
+    Elsewhere SDPA applies the block-causal mask transformers builds from the restarting position ids: the same
+    math. Registered as attn_implementation "sdpa_varlen" (with SDPA's masks for every other batch)."""
+    if cu_seq_lens_q is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # [1, heads, tokens, dim] -> [tokens, heads, dim]; key and value keep their fewer heads (grouped-query)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q,
+                                                  dropout, getattr(module, "is_causal", True), False, scale=scaling)[0]
+    return out[None], None
+
+
+AttentionInterface.register("sdpa_varlen", sdpa_varlen_attention)
+AttentionMaskInterface.register("sdpa_varlen", sdpa_mask)
 
 
 class StripVisionEmbeddings(Idefics2VisionEmbeddings):

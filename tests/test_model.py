@@ -52,6 +52,68 @@ def _gradients(model, batch):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _padding_free(encode, sample_ids):
+    packed = collate([encode(i) for i in sample_ids], padding_free=True)
+    packed.pop("sample_ids")
+    return packed
+
+
+def test_padding_free_batch_matches_the_padded_batch(ckpt_dir, batch, encode, conformance):
+    """Samples concatenated in one row, position ids restarting, each attending only to itself (attention
+    "sdpa_varlen"; on the CPU SDPA with transformers' block-causal mask): the padded batch's loss and gradients."""
+    packed = _padding_free(encode, conformance.expected["batches"][0]["ids"])
+    real = batch["attention_mask"].bool()
+    lengths = real.sum(1)
+    starts = [0, *lengths.cumsum(0).tolist()]
+    assert torch.equal(packed["input_ids"][0], batch["input_ids"][real]) and "attention_mask" not in packed
+    assert torch.equal(packed["position_ids"][0], torch.cat([torch.arange(n) for n in lengths.tolist()]))
+    assert packed["cu_seq_lens_q"].tolist() == starts and packed["max_length_q"] == lengths.max()
+    # each sample's first label is unsupervised (it always is: the prompt), so no loss crosses a boundary
+    assert (batch["labels"][:, 0] == -100).all() and torch.equal(packed["labels"][0], batch["labels"][real])
+    assert torch.equal(packed["image_bound"][0], torch.cat([b + s for b, s in zip(batch["image_bound"], starts)]))
+    model = load_model(ckpt_dir, dtype=torch.float32, attn_implementation="sdpa_varlen").train()
+    loss, grads = _gradients(model, batch)
+    loss_packed, grads_packed = _gradients(model, packed)
+    assert loss_packed == pytest.approx(loss, rel=1e-5)
+    assert grads_packed.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_packed[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # the boundaries matter: read as one long sequence, the same row gives another loss
+    with torch.no_grad():
+        one_sequence = model(**dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])).loss
+    assert one_sequence.item() != pytest.approx(loss, rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs a GPU")
+def test_padding_free_on_a_gpu_runs_flash_varlen_compiled_without_recompiles(ckpt_dir, batch, encode, conformance):
+    """On the GPU (bf16) the concatenated samples go through flash attention's variable-length kernel: the padded
+    batch's loss and gradients (to bf16 precision), and compiled blocks take new boundaries without recompiling."""
+    import torch._dynamo
+    from finetune.data.collator import HOST_KEYS
+    from finetune.finetune import compile_blocks
+
+    def on_gpu(b):
+        return {k: v.cuda() if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v for k, v in b.items()}
+
+    ids = conformance.expected["batches"][0]["ids"]
+    model = load_model(ckpt_dir, dtype=torch.bfloat16, device="cuda", attn_implementation="sdpa_varlen").train()
+    loss, grads = _gradients(model, on_gpu(batch))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss_packed, grads_packed = _gradients(model, on_gpu(_padding_free(encode, ids)))
+    ops = {e.name for e in prof.events()}
+    assert {"aten::_flash_attention_forward", "aten::_flash_attention_backward"} <= ops, sorted(ops)
+    assert loss_packed == pytest.approx(loss, rel=2e-2)
+    for name in grads:
+        torch.testing.assert_close(grads_packed[name].float(), grads[name].float(), atol=2e-2, rtol=5e-2, msg=name)
+    torch._dynamo.reset()
+    compile_blocks(model)
+    for step, sample_ids in enumerate((ids, ids[:2], ids[1:])):
+        with torch.compiler.set_stance("fail_on_recompile" if step > 0 else "default"):
+            loss_compiled, _ = _gradients(model, on_gpu(_padding_free(encode, sample_ids)))
+        if step == 0:
+            assert loss_compiled == pytest.approx(loss_packed, rel=2e-2)
+
+
 @pytest.mark.parametrize("modules,every_n", [("all", 1), ("vision", 2), ("resampler", 1)])
 def test_checkpointing_choices_recompute_the_chosen_blocks_with_same_gradients(ckpt_dir, batch, modules, every_n):
     from transformers.modeling_layers import GradientCheckpointingLayer
