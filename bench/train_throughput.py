@@ -52,7 +52,10 @@ def random_model(path, dtype, attn_implementation):
 
 def batch_flops(batch, lora, tune_vision, tune_resampler=True):
     """Model FLOPs of one micro-batch: honest (4N for frozen LoRA weights) and as peers report (6N)."""
-    lengths = batch["attention_mask"].sum(1).double().cpu()
+    if "cu_seq_lens_q" in batch:  # padding-free: the samples concatenated in one row
+        lengths = batch["cu_seq_lens_q"].diff().double()
+    else:
+        lengths = batch["attention_mask"].sum(1).double().cpu()
     attn = 3 * (2 * lengths ** 2 * D * L).sum()  # causal-halved 2*s*d*L per token, x3 for training
     tokens = lengths.sum()
     vision = 0.0
@@ -73,7 +76,8 @@ def counted_collate(collate, lora, tune_vision, examples):
     """The training collator, plus the batch's sample count and FLOPs, computed in the dataloader worker while
     the tensors are still on the CPU (counting them on the GPU would synchronise it)."""
     batch = collate(examples)
-    batch["bench_counts"] = OnHost((batch["input_ids"].shape[0], *batch_flops(batch, lora, tune_vision)))
+    samples = len(batch["cu_seq_lens_q"]) - 1 if "cu_seq_lens_q" in batch else batch["input_ids"].shape[0]
+    batch["bench_counts"] = OnHost((samples, *batch_flops(batch, lora, tune_vision)))
     return batch
 
 
@@ -177,6 +181,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--checkpoint", help="load this model folder (e.g. the real weights) instead of random weights")
     ap.add_argument("--save_to", help="after training, save the model folder here (the launch scripts' final save) "
                                       "and report its time and size")
     ap.add_argument("--profile", action="store_true", help="profile the two steps after the warm-up (not timed) into OUT/profile_NAME.txt")
@@ -199,12 +204,12 @@ def main():
             return super()._prepare_inputs(inputs)
 
     entry.MiniCPMVTrainer = MeteredTrainer
-    args = ["--model_name_or_path", reference_model_dir(), "--data_path", a.data, "--output_dir", f"/tmp/bench_{a.name}",
+    args = ["--model_name_or_path", a.checkpoint or reference_model_dir(), "--data_path", a.data, "--output_dir", f"/tmp/bench_{a.name}",
             "--max_steps", str(a.steps), "--save_strategy", "no", "--report_to", "none", "--bf16", "true",
             "--logging_steps", "5", "--learning_rate", "1e-5", "--dataloader_num_workers", "8",
             "--dataloader_pin_memory", "true", "--dataloader_persistent_workers", "true"] + extra
     torch.cuda.reset_peak_memory_stats()
-    trainer = entry.main(args, build_model=random_model)
+    trainer = entry.main(args, **({} if a.checkpoint else dict(build_model=random_model)))
     # the dataloader prefetches: count only what the timed steps consumed, per step
     timed = meter.steps[meter.first_timed:]  # profiled steps run slower: not timed
     world = trainer.args.world_size
