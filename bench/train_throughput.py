@@ -30,6 +30,7 @@ from transformers import TrainerCallback  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune import finetune as entry  # noqa: E402
 from finetune.checkpoint import save_final  # noqa: E402
+from finetune.model import load_model  # noqa: E402
 from finetune.trainer import OnHost  # noqa: E402
 from finetune.official_format import official_config, reference_model_dir  # noqa: E402
 from replace_file import MiniCPMV, MiniCPMVConfig  # noqa: E402
@@ -50,8 +51,9 @@ def random_model(path, dtype, attn_implementation):
         return MiniCPMV._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
-def batch_flops(batch, lora, tune_vision, tune_resampler=True):
-    """Model FLOPs of one micro-batch: honest (4N for frozen LoRA weights) and as peers report (6N)."""
+def batch_counts(batch, lora, tune_vision, tune_resampler=True):
+    """Samples, model FLOPs (honest: 4N for frozen LoRA weights; as peers report: 6N), LLM tokens and vision
+    patches of one micro-batch."""
     if "cu_seq_lens_q" in batch:  # padding-free: the samples concatenated in one row
         lengths = batch["cu_seq_lens_q"].diff().double()
     else:
@@ -69,15 +71,15 @@ def batch_flops(batch, lora, tune_vision, tune_resampler=True):
         vision += (3 if tune_resampler else 1) * resampler.sum()
     honest = (4 if lora else 6) * N_LLM * tokens + attn + vision
     as_peers = 6 * N_LLM * tokens + attn + vision
-    return float(honest), float(as_peers), float(tokens), float(patches.sum()) if batch["pixel_values"] is not None else 0.0
+    patches = float(patches.sum()) if batch["pixel_values"] is not None else 0.0
+    return len(lengths), float(honest), float(as_peers), float(tokens), patches
 
 
 def counted_collate(collate, lora, tune_vision, examples):
     """The training collator, plus the batch's sample count and FLOPs, computed in the dataloader worker while
     the tensors are still on the CPU (counting them on the GPU would synchronise it)."""
     batch = collate(examples)
-    samples = len(batch["cu_seq_lens_q"]) - 1 if "cu_seq_lens_q" in batch else batch["input_ids"].shape[0]
-    batch["bench_counts"] = OnHost((samples, *batch_flops(batch, lora, tune_vision)))
+    batch["bench_counts"] = OnHost(batch_counts(batch, lora, tune_vision))
     return batch
 
 
@@ -209,7 +211,7 @@ def main():
             "--logging_steps", "5", "--learning_rate", "1e-5", "--dataloader_num_workers", "8",
             "--dataloader_pin_memory", "true", "--dataloader_persistent_workers", "true"] + extra
     torch.cuda.reset_peak_memory_stats()
-    trainer = entry.main(args, **({} if a.checkpoint else dict(build_model=random_model)))
+    trainer = entry.main(args, build_model=load_model if a.checkpoint else random_model)
     # the dataloader prefetches: count only what the timed steps consumed, per step
     timed = meter.steps[meter.first_timed:]  # profiled steps run slower: not timed
     world = trainer.args.world_size

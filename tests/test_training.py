@@ -63,9 +63,9 @@ def batch_for(samples, ckpt_dir, conformance):
     return batch
 
 
-def losses(folder):
-    """Logged training loss per step, from the step-3 checkpoint's trainer state."""
-    state = json.loads((folder / "checkpoint-3" / "trainer_state.json").read_text())
+def losses(folder, checkpoint=3):
+    """Logged training loss per step, from a checkpoint's trainer state."""
+    state = json.loads((folder / f"checkpoint-{checkpoint}" / "trainer_state.json").read_text())
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
@@ -177,10 +177,8 @@ def test_padding_free_run_logs_the_padded_runs_losses(train_data, ckpt_dir, tmp_
             "--save_steps", "2"]
     for name, extra in (("padded", []), ("padding_free", ["--padding_free", "true"])):
         torchrun(args + extra + ["--output_dir", str(tmp_path / name)], ckpt_dir, nproc=1)
-    logged = [{h["step"]: h["loss"] for h in json.loads((tmp_path / name / "checkpoint-2" / "trainer_state.json")
-                                                         .read_text())["log_history"] if "loss" in h}
-              for name in ("padded", "padding_free")]
-    assert logged[0].keys() == {1, 2} and logged[1] == pytest.approx(logged[0], rel=1e-5)
+    padded, packed = (losses(tmp_path / name, checkpoint=2) for name in ("padded", "padding_free"))
+    assert padded.keys() == {1, 2} and packed == pytest.approx(padded, rel=1e-5)
     padded, packed = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("padded", "padding_free"))
     assert padded.keys() == packed.keys()
     for key in padded:  # within 1 % of the two steps' movement (2e-3): Adam scales up fp32 summation-order noise
