@@ -73,12 +73,19 @@ def enable_checkpointing(model, modules, every_n_layers, checkpoint_kwargs):
         model.resampler._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, **checkpoint_kwargs)
 
 
-def compile_blocks(model):
+def compile_blocks(model, cuda_graphs=False):
     """Regional compilation: each vision and LLM block compiled in place (one graph per block class, shared by
     all its instances; dynamic shapes, as images and lengths vary). The rest (embeddings, resampler, loss)
-    has data-dependent shapes and little to fuse, so it stays eager."""
+    has data-dependent shapes and little to fuse, so it stays eager. With `cuda_graphs` the blocks' kernels are
+    recorded as CUDA graphs (inductor's graph trees: one recording per batch shape, then replays)."""
     from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    if cuda_graphs:
+        import torch._inductor.config
+        # set globally: per-compile options reach the forward graph but not the backward, compiled later (crashes)
+        torch._inductor.config.triton.cudagraphs = True
+        # debug checks that walk the graph memory pool at every recording: seconds per new shape
+        torch._inductor.config.triton.slow_path_cudagraph_asserts = False
     for module in model.modules():
         if isinstance(module, (LlamaDecoderLayer, Idefics2EncoderLayer)):
             module.compile(dynamic=True)
@@ -125,7 +132,7 @@ def main(argv=None, build_model=load_model):
         training_args.gradient_checkpointing = False
     model = configure_trainable(model, tune_args)
     if tune_args.compile_blocks:
-        compile_blocks(model)
+        compile_blocks(model, tune_args.cuda_graphs)
     # bf16 without DeepSpeed: compute in bf16 throughout (no autocast), fp32 master weights in the optimizer
     master_weights = training_args.bf16 and not training_args.deepspeed
     if master_weights:
@@ -136,6 +143,7 @@ def main(argv=None, build_model=load_model):
     register_model_files()
 
     trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights,
+                              cuda_graphs=tune_args.cuda_graphs,
                               moments_dtype=getattr(torch, tune_args.optimizer_moments_dtype),
                               train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,

@@ -1,10 +1,11 @@
-"""The Hugging Face Trainer with five additions: length-grouped batches from the token counts the data scan
+"""The Hugging Face Trainer with six additions: length-grouped batches from the token counts the data scan
 already computed (transformers would otherwise encode every sample, images included, to learn them); a stop on
 a non-finite loss that names the step and the samples (the last saved checkpoint stays as it was); batches that
 reach the GPU without synchronising it (image metadata kept on the host, non-blocking copies); and, for a bf16
 model without DeepSpeed, AdamW on fp32 master weights (what DeepSpeed's bf16 mode does), so the model computes
 in bf16 throughout instead of under autocast with fp32 trainable weights cast at every use; resumed LoRA runs
-keep their adapters in the model's dtype."""
+keep their adapters in the model's dtype; with CUDA graphs, each forward starts a new step of inductor's graph
+trees."""
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -33,7 +34,8 @@ def adamw_update(master, grad, exp_avg, exp_avg_sq, coefficients):
     return updated.to(grad.dtype)
 
 
-compiled_adamw_update = torch.compile(adamw_update, dynamic=True, fullgraph=True)
+# in place on its inputs, which CUDA graphs cannot take (--cuda_graphs turns them on for every compiled function)
+compiled_adamw_update = torch.compile(adamw_update, dynamic=True, fullgraph=True, options={"triton.cudagraphs": False})
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -126,8 +128,9 @@ class HostEntriesCollator:
 
 
 class MiniCPMVTrainer(Trainer):
-    def __init__(self, model, args, data_collator, master_weights=False, moments_dtype=torch.float32, **kwargs):
-        self.master_weights, self.moments_dtype = master_weights, moments_dtype
+    def __init__(self, model, args, data_collator, master_weights=False, moments_dtype=torch.float32,
+                 cuda_graphs=False, **kwargs):
+        self.master_weights, self.moments_dtype, self.cuda_graphs = master_weights, moments_dtype, cuda_graphs
         # pinned batches are copied without waiting for the GPU (accelerate's default copy synchronises)
         args.accelerator_config.non_blocking = args.dataloader_pin_memory
         super().__init__(model=model, args=args, data_collator=HostEntriesCollator(data_collator), **kwargs)
@@ -170,6 +173,8 @@ class MiniCPMVTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)
+        if self.cuda_graphs:  # a new forward: the graphs' previous outputs (last step's activations) may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if model.training and not torch.isfinite(loss.detach()).all():

@@ -1,4 +1,5 @@
 """The model's training-side behaviour and its loading errors, on the fixture checkpoint."""
+import contextlib
 import io
 import json
 import shutil
@@ -52,6 +53,11 @@ def _gradients(model, batch):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _on_gpu(batch):
+    from finetune.data.collator import HOST_KEYS
+    return {k: v.cuda() if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v for k, v in batch.items()}
+
+
 def _padding_free(encode, sample_ids):
     packed = collate([encode(i) for i in sample_ids], padding_free=True)
     packed.pop("sample_ids")
@@ -89,17 +95,13 @@ def test_padding_free_on_a_gpu_runs_flash_varlen_compiled_without_recompiles(ckp
     """On the GPU (bf16) the concatenated samples go through flash attention's variable-length kernel: the padded
     batch's loss and gradients (to bf16 precision), and compiled blocks take new boundaries without recompiling."""
     import torch._dynamo
-    from finetune.data.collator import HOST_KEYS
     from finetune.finetune import compile_blocks
-
-    def on_gpu(b):
-        return {k: v.cuda() if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v for k, v in b.items()}
 
     ids = conformance.expected["batches"][0]["ids"]
     model = load_model(ckpt_dir, dtype=torch.bfloat16, device="cuda", attn_implementation="sdpa_varlen").train()
-    loss, grads = _gradients(model, on_gpu(batch))
+    loss, grads = _gradients(model, _on_gpu(batch))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        loss_packed, grads_packed = _gradients(model, on_gpu(_padding_free(encode, ids)))
+        loss_packed, grads_packed = _gradients(model, _on_gpu(_padding_free(encode, ids)))
     ops = {e.name for e in prof.events()}
     assert {"aten::_flash_attention_forward", "aten::_flash_attention_backward"} <= ops, sorted(ops)
     assert loss_packed == pytest.approx(loss, rel=2e-2)
@@ -109,9 +111,48 @@ def test_padding_free_on_a_gpu_runs_flash_varlen_compiled_without_recompiles(ckp
     compile_blocks(model)
     for step, sample_ids in enumerate((ids, ids[:2], ids[1:])):
         with torch.compiler.set_stance("fail_on_recompile" if step > 0 else "default"):
-            loss_compiled, _ = _gradients(model, on_gpu(_padding_free(encode, sample_ids)))
+            loss_compiled, _ = _gradients(model, _on_gpu(_padding_free(encode, sample_ids)))
         if step == 0:
             assert loss_compiled == pytest.approx(loss_packed, rel=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_replay_the_blocks_with_the_uncompiled_loss_and_gradients(ckpt_dir, encode, conformance):
+    """--cuda_graphs: the blocks are recorded once per batch shape and then replayed (cudaGraphLaunch), alternating
+    between two shapes, with the loss and gradients of the uncompiled model (to bf16 precision)."""
+    import torch._dynamo
+    import torch._inductor.config
+    from finetune.arguments import TuneArguments
+    from finetune.finetune import compile_blocks
+    from finetune.model import configure_trainable
+    ids = conformance.expected["batches"][0]["ids"]
+    batches = [collate([encode(i) for i in sample_ids], pad_to_multiple_of=64) for sample_ids in (ids[:1], ids[2:])]
+    batches = [_on_gpu({k: v for k, v in b.items() if k != "sample_ids"}) for b in batches]
+    assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
+
+    def lora_model():
+        model = load_model(ckpt_dir, dtype=torch.bfloat16, device="cuda")
+        torch.manual_seed(0)  # the same adapters
+        return configure_trainable(model, TuneArguments(use_lora=True, lora_dropout=0.0)).train()
+
+    reference = [_gradients(lora_model(), b) for b in batches]
+    torch._dynamo.reset()
+    model = lora_model()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    # compile_blocks turns CUDA graphs on for the process: off again for the tests after this one
+    with torch._inductor.config.patch({"triton.cudagraphs": False, "triton.slow_path_cudagraph_asserts": True}):
+        compile_blocks(model, cuda_graphs=True)
+        for step in range(3):  # warm-up, recording, replay
+            for b, (loss, grads) in zip(batches, reference):
+                torch.compiler.cudagraph_mark_step_begin()
+                with torch.profiler.profile(activities=activities) if step == 2 else contextlib.nullcontext() as prof:
+                    loss_graphed, grads_graphed = _gradients(model, b)
+                assert loss_graphed == pytest.approx(loss, rel=2e-2)
+                assert grads_graphed.keys() == grads.keys()
+                for name in grads:
+                    torch.testing.assert_close(grads_graphed[name].float(), grads[name].float(), atol=2e-2,
+                                               rtol=5e-2, msg=name)
+    assert "cudaGraphLaunch" in {e.name for e in prof.events()}
 
 
 @pytest.mark.parametrize("modules,every_n", [("all", 1), ("vision", 2), ("resampler", 1)])

@@ -241,6 +241,27 @@ def test_wrong_llm_type_qlora_and_bf16_moments_without_bf16_are_refused(ckpt_dir
         parse_args(base + ["--output_dir", "unused", "--pad_to_multiple_of", "0"])
 
 
+@pytest.mark.parametrize("flags,problem", [
+    ([], "needs --compile_blocks true"),
+    (["--compile_blocks", "true", "--padding_free", "true"], "needs padded batches"),
+    (["--compile_blocks", "true", "--gradient_checkpointing", "true"], "does not take recomputed LLM blocks"),
+    (["--compile_blocks", "true", "--deepspeed", "ds_config_zero2.json"], "does not run under --deepspeed"),
+    (["--compile_blocks", "true", "--gradient_checkpointing", "true", "--checkpointing_modules", "vision"],
+     "needs a CUDA GPU" if not torch.cuda.is_available() else None),
+])
+def test_cuda_graphs_are_refused_where_untested(ckpt_dir, train_data, flags, problem):
+    """The CUDA-graph combinations that would record a graph per batch, or that nothing tested, stop at parse
+    time; a valid one pads batches to 64 tokens unless told otherwise."""
+    argv = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
+            "--output_dir", "unused", "--cuda_graphs", "true"] + flags
+    if problem is None:
+        assert parse_args(argv)[1].pad_to_multiple_of == 64
+        assert parse_args(argv + ["--pad_to_multiple_of", "128"])[1].pad_to_multiple_of == 128
+    else:
+        with pytest.raises(SystemExit, match=f"--cuda_graphs {problem}"):
+            parse_args(argv)
+
+
 def test_image_metadata_passes_device_placement_on_the_host(encode, conformance):
     """accelerate moves every batch tensor to the GPU before the Trainer sees it; the image spans and patch
     grids must stay on the CPU, where the model reads them without synchronising the GPU."""
