@@ -57,7 +57,7 @@ class TuneArguments:
                 "for small steps whose kernels the host cannot launch fast enough (1 sample per step on an H100: "
                 "~4 -> 7.1 samples/s once its shapes are recorded). Each new batch shape is recorded once "
                 "(seconds), so batches are padded to a multiple of 64 tokens unless --pad_to_multiple_of says "
-                "otherwise; not with --padding_free or recomputed LLM blocks"})
+                "otherwise; not with --padding_free or --gradient_checkpointing"})
     optimizer_moments_dtype: str = field(default="float32", metadata={
         "help": "bfloat16: AdamW's moments stored in bf16, 4 bytes less per trained parameter (2 GiB for LoRA with "
                 "the vision tower trained); bf16 models without DeepSpeed only"})
@@ -148,13 +148,11 @@ def parse_args(argv=None):
 def check_cuda_graphs(data_args, tune_args, training_args):
     """--cuda_graphs: refused where it is untested or would record a graph per batch; pads to 64 tokens by default."""
     import torch
-    recomputed_llm = training_args.gradient_checkpointing and tune_args.checkpointing_modules in ("all", "llm")
     problem = ("needs --compile_blocks true" if not tune_args.compile_blocks else
                "does not run under --deepspeed (with the launch scripts: DS_CONFIG=none)" if training_args.deepspeed else
                "needs padded batches (--padding_free false): every new length would be recorded"
                if data_args.padding_free else
-               "does not take recomputed LLM blocks (--gradient_checkpointing false, or --checkpointing_modules "
-               "vision|resampler)" if recomputed_llm else
+               "does not take recomputation (--gradient_checkpointing false)" if training_args.gradient_checkpointing else
                "needs a CUDA GPU" if not torch.cuda.is_available() else None)
     if problem:
         raise SystemExit(f"--cuda_graphs {problem}")

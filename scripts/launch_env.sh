@@ -19,7 +19,7 @@ if python3 -c 'import torch, sys; sys.exit(not (torch.cuda.is_available() and to
     # compiled blocks: ~1.3x, after a minute or two of compiling; padding-free batches: no compute on padding,
     # and flash's variable-length kernel builds nothing per new length (cuDNN: ~0.1 s per shape)
     GPU_DEFAULTS=(--bf16 true --compile_blocks true --padding_free true)
-    # CUDA graphs record each batch length once: padded batches (finetune.py rounds them to 64 tokens) instead
+    # CUDA graphs record each batch shape once: padded batches (finetune.py rounds them to 64 tokens) instead
     [[ " $* " == *" --cuda_graphs true "* || " $* " == *" --cuda_graphs=true "* ]] && GPU_DEFAULTS=(--bf16 true --compile_blocks true)
 else
     GPU_DEFAULTS=()
