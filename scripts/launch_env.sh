@@ -20,10 +20,14 @@ if python3 -c 'import torch, sys; sys.exit(not (torch.cuda.is_available() and to
     # and flash's variable-length kernel builds nothing per new length (cuDNN: ~0.1 s per shape)
     GPU_DEFAULTS=(--bf16 true --compile_blocks true --padding_free true)
     # CUDA graphs record each batch shape once: padded batches (finetune.py rounds them to 64 tokens) instead
-    [[ " $* " == *" --cuda_graphs true "* || " $* " == *" --cuda_graphs=true "* ]] && GPU_DEFAULTS=(--bf16 true --compile_blocks true)
+    if [[ " $* " == *" --cuda_graphs true "* || " $* " == *" --cuda_graphs=true "* ]]; then
+        GPU_DEFAULTS=(--bf16 true --compile_blocks true)
+    fi
 else
     GPU_DEFAULTS=()
-    python3 -c 'import torch, sys; sys.exit(torch.cuda.is_available())' && export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+    if python3 -c 'import torch, sys; sys.exit(torch.cuda.is_available())'; then
+        export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+    fi
 fi
 
 launch() {

@@ -197,6 +197,28 @@ def test_launch_script_passes_environment_and_arguments(train_data, ckpt_dir, tm
     assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["r"] == 2
 
 
+@pytest.mark.parametrize("gpu,args,defaults", [
+    ("bf16", [], "--bf16 true --compile_blocks true --padding_free true"),
+    ("bf16", ["--cuda_graphs", "true"], "--bf16 true --compile_blocks true"),
+    ("no bf16", [], ""),
+])
+def test_launch_environment_gpu_defaults(tmp_path, gpu, args, defaults):
+    """The scripts' GPU defaults, with `python3` answering the GPU probes as that GPU would; the scripts run
+    under `set -e`, so a probe's answer must never end them."""
+    shim = tmp_path / "python3"
+    shim.write_text("#!/bin/bash\ncase \"$*\" in\n"
+                    f"  *is_bf16_supported*) exit {0 if gpu == 'bf16' else 1};;\n"
+                    "  *'sys.exit(torch.cuda.is_available())'*) exit 1;;\n"  # a GPU is there
+                    "esac\nexit 2\n")
+    shim.chmod(0o755)
+    script = 'set -euo pipefail; source scripts/launch_env.sh "$@"; echo "defaults: ${GPU_DEFAULTS[*]}"'
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", MODEL="m", DATA="d", GPUS_PER_NODE="1")
+    env.pop("DS_ACCELERATOR", None)
+    out = subprocess.run(["bash", "-c", script, "launch"] + args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"defaults: {defaults}".strip()
+
+
 def run_finetune(args):
     return subprocess.run([sys.executable, "-m", "finetune.finetune", "--report_to", "none"] + args, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
