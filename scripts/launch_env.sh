@@ -18,10 +18,10 @@ DEEPSPEED=()
 if python3 -c 'import torch, sys; sys.exit(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()))'; then
     # compiled blocks: ~1.3x, after a minute or two of compiling; padding-free batches: no compute on padding,
     # and flash's variable-length kernel builds nothing per new length (cuDNN: ~0.1 s per shape)
-    GPU_DEFAULTS=(--bf16 true --compile_blocks true --padding_free true)
-    # CUDA graphs record each batch shape once: padded batches (finetune.py rounds them to 64 tokens) instead
-    if [[ " $* " == *" --cuda_graphs true "* || " $* " == *" --cuda_graphs=true "* ]]; then
-        GPU_DEFAULTS=(--bf16 true --compile_blocks true)
+    GPU_DEFAULTS=(--bf16 true --compile_blocks true)
+    # not with CUDA graphs, which record each batch shape once: padded batches there (finetune.py rounds to 64)
+    if [[ " $* " != *" --cuda_graphs true "* && " $* " != *" --cuda_graphs=true "* ]]; then
+        GPU_DEFAULTS+=(--padding_free true)
     fi
 else
     GPU_DEFAULTS=()
