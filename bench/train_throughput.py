@@ -83,6 +83,25 @@ def counted_collate(collate, lora, tune_vision, examples):
     return batch
 
 
+def communication_seconds(events):
+    """(NCCL kernel time, the part of it during which no other kernel runs) over profiled device events, in s.
+    The second is the communication the step waits on: transfers not hidden behind compute, and NCCL kernels
+    spinning while a slower rank catches up."""
+    edges = []
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            kind = 0 if "nccl" in e.name.lower() else 1
+            edges += [(e.time_range.start, kind, 1), (e.time_range.end, kind, -1)]
+    active, last, total, exposed = [0, 0], None, 0.0, 0.0
+    for t, kind, delta in sorted(edges):
+        if last is not None and active[0]:
+            total += t - last
+            exposed += (t - last) * (active[1] == 0)
+        active[kind] += delta
+        last = t
+    return total / 1e6, exposed / 1e6
+
+
 class Meter(TrainerCallback):
     """Per optimizer step: samples, tokens, patches, FLOPs and wall time. The GPU is synchronised only where the
     timed window starts and ends (per-step times inside it are host-side and approximate; their sum is exact).
@@ -93,7 +112,7 @@ class Meter(TrainerCallback):
         self.name, self.lora, self.tune_vision, self.out_dir = name, lora, tune_vision, out_dir
         self.profile_at = warmup if profile else None
         self.first_timed, self.total_steps = warmup + (2 if profile else 0), total_steps
-        self.steps, self.current, self.last_end, self.profiler = [], None, None, None
+        self.steps, self.current, self.last_end, self.profiler, self.communication = [], None, None, None, None
         self.util, self._stop = [], threading.Event()
         # peak memory per phase (allocated, reserved GiB): where the peak is says which saving can lower it
         self.peaks = dict(setup=(0.0, 0.0), forward_backward=(0.0, 0.0), optimizer=(0.0, 0.0))
@@ -143,6 +162,9 @@ class Meter(TrainerCallback):
         averages = self.profiler.key_averages()
         kernel_s = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e6
         busy = f"GPU kernel time {kernel_s:.3f} s of {wall_s:.3f} s wall over 2 steps: busy {100 * kernel_s / wall_s:.0f} %"
+        comm_s, exposed_s = communication_seconds(self.profiler.events())
+        self.communication = dict(wall_s=round(wall_s, 4), nccl_s=round(comm_s, 4), nccl_exposed_s=round(exposed_s, 4))
+        busy += f"; NCCL kernels {comm_s:.3f} s, {exposed_s:.3f} s of it with no other kernel running"
         blocking = Counter()
         for e in self.profiler.events():
             if e.name in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize"):
@@ -155,8 +177,10 @@ class Meter(TrainerCallback):
         lines = [busy, "host-blocking calls over 2 steps (count, call < parent ops @ Python frames):"]
         lines += [f"{n:5d} {k}" for k, n in blocking.most_common(25)]
         lines += [averages.table(sort_by=key, row_limit=40) for key in ("self_cpu_time_total", "self_cuda_time_total")]
-        Path(self.out_dir, f"profile_{self.name}.txt").write_text("\n\n".join(lines))
-        print(busy)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            Path(self.out_dir, f"profile_{self.name}.txt").write_text("\n\n".join(lines))
+        print(f"rank {rank}: {busy}")
 
     def on_train_begin(self, *a, **kw):
         def sample():
@@ -186,7 +210,8 @@ def main():
     ap.add_argument("--checkpoint", help="load this model folder (e.g. the real weights) instead of random weights")
     ap.add_argument("--save_to", help="after training, save the model folder here (the launch scripts' final save) "
                                       "and report its time and size")
-    ap.add_argument("--profile", action="store_true", help="profile the two steps after the warm-up (not timed) into OUT/profile_NAME.txt")
+    ap.add_argument("--profile", action="store_true", help="profile the two steps after the warm-up (not timed) into OUT/profile_NAME.txt; "
+                    "with several GPUs, the JSON gets their NCCL time and its part not hidden behind compute")
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
     lora = "--use_lora" in extra and extra[extra.index("--use_lora") + 1] == "true"
@@ -238,6 +263,8 @@ def main():
         peak_allocated_gib_by_phase={p: round(v, 2) for p, v in zip(phases, peaks[:, 0].tolist())},
         gpu_utilisation_mean=sum(meter.util) / max(len(meter.util), 1), step_seconds=[round(s["seconds"], 3) for s in timed],
         finetune_args=args)
+    if meter.communication:  # rank 0's two profiled steps
+        report["profiled_communication"] = meter.communication
     if a.save_to:
         start = time.perf_counter()
         save_final(trainer, a.save_to)
