@@ -55,9 +55,10 @@ class TuneArguments:
     cuda_graphs: bool = field(default=False, metadata={
         "help": "with --compile_blocks on a GPU without DeepSpeed: each block's kernels replayed as CUDA graphs, "
                 "for small steps whose kernels the host cannot launch fast enough (1 sample per step on an H100: "
-                "~4 -> 7.1 samples/s once its shapes are recorded). Each new batch shape is recorded once "
-                "(seconds), so batches are padded to a multiple of 64 tokens unless --pad_to_multiple_of says "
-                "otherwise; not with --padding_free or --gradient_checkpointing"})
+                "~4 -> 6.2 samples/s). Each batch shape is recorded once (seconds; with 1 sample per step the "
+                "data's most common shapes before the first step), so batches are padded to a multiple of 64 "
+                "tokens unless --pad_to_multiple_of says otherwise; not with --padding_free or "
+                "--gradient_checkpointing"})
     optimizer_moments_dtype: str = field(default="float32", metadata={
         "help": "bfloat16: AdamW's moments stored in bf16, 4 bytes less per trained parameter (2 GiB for LoRA with "
                 "the vision tower trained); bf16 models without DeepSpeed only"})

@@ -27,7 +27,7 @@ from .data.collator import collate
 from .data.conversation import ImageSettings
 from .data.dataset import ConversationDataset, ScanOptions, scan
 from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
-from .trainer import MiniCPMVTrainer
+from .trainer import CudaGraphRecording, MiniCPMVTrainer
 
 logger = logging.getLogger("finetune")
 
@@ -149,6 +149,8 @@ def main(argv=None, build_model=load_model):
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,
                                                     pad_to_multiple_of=data_args.pad_to_multiple_of,
                                                     padding_free=data_args.padding_free))
+    if tune_args.cuda_graphs and training_args.per_device_train_batch_size == 1:  # larger batches: shapes vary
+        trainer.add_callback(CudaGraphRecording(trainer, data_args.pad_to_multiple_of))
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "auto", "latest"):
         resume = latest_complete_checkpoint(training_args.output_dir)

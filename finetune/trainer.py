@@ -5,12 +5,20 @@ reach the GPU without synchronising it (image metadata kept on the host, non-blo
 model without DeepSpeed, AdamW on fp32 master weights (what DeepSpeed's bf16 mode does), so the model computes
 in bf16 throughout instead of under autocast with fp32 trainable weights cast at every use; resumed LoRA runs
 keep their adapters in the model's dtype; with CUDA graphs, each forward starts a new step of inductor's graph
-trees."""
+trees (and `CudaGraphRecording` records the data's batch shapes before the first step)."""
+import logging
+import time
+
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .data.collator import HOST_KEYS
+
+logger = logging.getLogger(__name__)
+
+# shapes recorded before training; rarer ones are recorded where they first occur (seconds each)
+MAX_RECORDED_SHAPES = 32
 
 
 class NonFiniteLossError(RuntimeError):
@@ -183,3 +191,34 @@ class MiniCPMVTrainer(Trainer):
                 f"(rank {self.args.process_index}); stopping. The last saved checkpoint is intact; lower the "
                 "learning rate or check these samples.")
         return result
+
+
+class CudaGraphRecording(TrainerCallback):
+    """CUDA graphs with one sample per batch: before the first step, one sample of each batch shape (the most
+    common MAX_RECORDED_SHAPES) runs forward and backward twice, as inductor warms a new shape up and then records
+    it, so that training replays graphs from its first step instead of stalling seconds per new shape during the
+    run. Gradients are discarded: weights and optimizer state do not change (dropout draws random numbers)."""
+
+    def __init__(self, trainer, pad_to_multiple_of):
+        self.trainer = trainer
+        dataset = trainer.train_dataset
+        shapes = dataset.batch_shapes(pad_to_multiple_of)
+        recorded = shapes[:MAX_RECORDED_SHAPES]
+        self.samples = [int(indices[0]) for _, indices in recorded]
+        covered = sum(len(indices) for _, indices in recorded)
+        logger.info("CUDA graphs: %d batch shapes (tokens, image units, widest unit) are recorded before the first "
+                    "step, %d of %d samples; %d rarer shapes when they first occur", len(recorded), covered,
+                    len(dataset), len(shapes) - len(recorded))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer, model = self.trainer, self.trainer.model
+        start = time.perf_counter()
+        model.train()
+        for _ in range(2):  # warm-up, recording
+            for i in self.samples:
+                inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i]]))
+                with trainer.compute_loss_context_manager():
+                    loss = trainer.compute_loss(model, inputs)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+        logger.info("CUDA graphs recorded for %d batch shapes in %.1f s", len(self.samples), time.perf_counter() - start)

@@ -134,6 +134,33 @@ def test_text_only_and_multi_image_samples(folder, tokenizer, settings):
         len(dataset[i]["input_ids"]) for i in range(3))
 
 
+def test_batch_shapes_from_the_scan_are_the_collated_shapes(folder, tokenizer, settings):
+    """What --cuda_graphs records before training: the scan's shape of each sample's one-sample batch (tokens
+    padded to the multiple, image units, widest unit) is the collated batch's, and equal shapes are grouped."""
+    Image.new("RGB", (1280, 720), "white").save(folder / "wide.png")
+    samples = [{"id": "text", "conversations": qa("Say hi.", "Hi.")},
+               {"id": "text2", "conversations": qa("Say hello.", "Hello.")},
+               {"id": "ok", "image": "ok.png", "conversations": qa()},
+               {"id": "ok2", "image": "ok.png", "conversations": qa("<image>\nWhat is it?", "A page again.")},
+               {"id": "wide", "image": "wide.png", "conversations": qa()},
+               {"id": "two", "image": ["ok.png", "rgba.png"],
+                "conversations": qa("First <image> then <image>: same?", "No.")}]
+    result = scan([write_json(folder / "d.json", samples)], tokenizer, settings, progress=False)
+    dataset = ConversationDataset(result, tokenizer, settings, ScanOptions())
+    shapes = dataset.batch_shapes(pad_to_multiple_of=64)
+    assert sorted(i for _, indices in shapes for i in indices) == list(range(len(samples)))
+    assert [len(indices) for _, indices in shapes] == [2, 2, 1, 1]  # most common first
+    assert len({shape for shape, _ in shapes}) == len(shapes)
+    for (tokens, units, widest), indices in shapes:
+        for i in indices:
+            batch = collate([dataset[i]], pad_to_multiple_of=64)
+            assert batch["input_ids"].shape == (1, tokens)
+            if units:
+                assert batch["pixel_values"].shape == (units, 3, settings.patch_size, widest * settings.patch_size)
+            else:
+                assert batch["pixel_values"] is None and widest == 0
+
+
 def test_overlong_samples_are_skipped_by_default_and_named(folder, tokenizer, settings):
     long = {"id": "long", "image": "ok.png", "conversations": qa() + qa("more?", "word " * 300)}
     result = scan_one(folder, long, tokenizer, settings, model_max_length=300)

@@ -185,6 +185,49 @@ def test_padding_free_run_logs_the_padded_runs_losses(train_data, ckpt_dir, tmp_
         torch.testing.assert_close(packed[key], padded[key], atol=2e-5, rtol=1e-4, msg=key)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_are_recorded_before_the_first_step(train_data, ckpt_dir, tmp_path, monkeypatch):
+    """--cuda_graphs, one sample per step: every batch shape of the data is recorded before the first step, with
+    the weights left as they were and no gradient kept, so that the steps only replay graphs."""
+    import torch._dynamo
+    import torch._inductor.config
+    from transformers import TrainerCallback
+
+    import finetune.finetune as entry
+    events, enter = [], torch.cuda.graph.__enter__
+
+    def capture(graph):  # inductor records every CUDA graph inside `with torch.cuda.graph(...)`
+        events.append("capture")
+        return enter(graph)
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if "step" not in events:
+                assert all(p.grad is None and torch.equal(p, self.weights[n]) for n, p in model.named_parameters())
+            events.append("step")
+
+    class ProbedTrainer(entry.MiniCPMVTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(Probe())
+
+    monkeypatch.setattr(torch.cuda.graph, "__enter__", capture)
+    monkeypatch.setattr(entry, "MiniCPMVTrainer", ProbedTrainer)
+    torch._dynamo.reset()
+    # compile_blocks turns CUDA graphs on for the process: off again for the tests after this one
+    with torch._inductor.config.patch({"triton.cudagraphs": False, "triton.slow_path_cudagraph_asserts": True}):
+        entry.main(["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
+                    "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--bf16", "true",
+                    "--use_lora", "true", "--lora_r", "4", "--compile_blocks", "true", "--cuda_graphs", "true",
+                    "--per_device_train_batch_size", "1", "--max_steps", "8", "--train_sampling_strategy", "sequential",
+                    "--dataloader_num_workers", "0", "--save_strategy", "no"])
+    first_step = events.index("step")
+    assert events.count("step") == 8 and "capture" in events[:first_step] and "capture" not in events[first_step:]
+
+
 @pytest.mark.slow
 def test_launch_script_passes_environment_and_arguments(train_data, ckpt_dir, tmp_path):
     env = dict(os.environ, MODEL=str(ckpt_dir), DATA=str(train_data / "train.json"), OUTPUT_DIR=str(tmp_path / "o"),

@@ -19,9 +19,11 @@ from .records import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TAG, RecordFile, SampleErro
 
 logger = logging.getLogger(__name__)
 
-# one row per usable sample: which file, which sample, how many turns to keep, token counts
+# one row per usable sample: which file, which sample, how many turns to keep, token counts, and the image
+# tensor's shape (image units: sources and slices; patches of the widest unit, which the others are padded to)
 ENTRY = np.dtype([("file", np.int32), ("index", np.int64), ("n_turns", np.int32), ("length", np.int32),
-                  ("image_tokens", np.int32), ("supervised", np.int32)])
+                  ("image_tokens", np.int32), ("supervised", np.int32), ("image_units", np.int32),
+                  ("widest_unit", np.int32)])
 
 
 @dataclass
@@ -71,6 +73,7 @@ class _Scanner:
         plans = [slice_plan(size, s.max_slice_nums, s.scale_resolution, s.patch_size) for size in sizes]
         placeholders = [image_placeholder(p, s.query_num) for p in plans]
         image_tokens = sum(placeholder_token_count(p, s.query_num) for p in plans)
+        units = [rows * cols for p in plans for rows, cols in p.tgt_sizes(s.patch_size)]
         n_turns, (ids, labels) = len(conversations), tokenize_conversation(conversations, placeholders, self.tokenizer)
         full_length = len(ids)
         stats = (full_length, image_tokens, int((labels != IGNORE_INDEX).sum()))
@@ -80,7 +83,8 @@ class _Scanner:
         if len(ids) > limit:
             return "overlong", (rf.path, index, sample_id, full_length), stats
         supervised = int((labels != IGNORE_INDEX).sum())
-        return "ok", (file_index, index, n_turns, len(ids), image_tokens, supervised), stats
+        row = (file_index, index, n_turns, len(ids), image_tokens, supervised, len(units), max(units, default=0))
+        return "ok", row, stats
 
     def _truncate(self, conversations, placeholders, limit):
         """Longest prefix that ends with an answer, keeps every image and fits; else the whole sample."""
@@ -162,6 +166,15 @@ class ConversationDataset:
     @property
     def lengths(self):
         return self.entries["length"]
+
+    def batch_shapes(self, pad_to_multiple_of=1):
+        """The distinct shapes of one-sample batches, most common first: [((tokens after padding, image units,
+        patches of the widest unit), indices of the samples that have it)]."""
+        tokens = -(-self.entries["length"] // pad_to_multiple_of) * pad_to_multiple_of
+        keys = np.stack([tokens, self.entries["image_units"], self.entries["widest_unit"]], axis=1)
+        shapes, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        return [(tuple(int(v) for v in shapes[k]), np.flatnonzero(inverse.ravel() == k)) for k in order]
 
     def __getitem__(self, i):
         entry = self.entries[i]
