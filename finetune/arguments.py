@@ -130,6 +130,9 @@ def parse_args(argv=None):
                         ("--pad_to_multiple_of", data_args.pad_to_multiple_of)):
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
+    if data_args.padding_free and data_args.pad_to_multiple_of != 1:
+        raise SystemExit("--pad_to_multiple_of pads batches, which --padding_free true does not build (the launch "
+                         "scripts' GPU default): add --padding_free false to pad")
     if tune_args.optimizer_moments_dtype not in ("float32", "bfloat16"):
         raise SystemExit("--optimizer_moments_dtype takes float32|bfloat16")
     if tune_args.optimizer_moments_dtype != "float32" and (training_args.deepspeed or not training_args.bf16):

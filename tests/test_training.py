@@ -294,7 +294,7 @@ def test_non_finite_loss_stops_with_step_and_samples(ckpt_dir, train_data, tmp_p
     assert (tmp_path / "o" / "checkpoint-1" / "trainer_state.json").exists()
 
 
-def test_wrong_llm_type_qlora_and_bf16_moments_without_bf16_are_refused(ckpt_dir, train_data):
+def test_wrong_llm_type_qlora_bf16_moments_without_bf16_and_padding_flags_are_refused(ckpt_dir, train_data):
     base = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json")]
     out = run_finetune(base + ["--llm_type", "minicpm"])
     assert out.returncode != 0 and "only 'llama3' is valid" in out.stderr
@@ -304,6 +304,8 @@ def test_wrong_llm_type_qlora_and_bf16_moments_without_bf16_are_refused(ckpt_dir
     assert out.returncode != 0 and "--optimizer_moments_dtype bfloat16 needs --bf16 true" in out.stderr
     with pytest.raises(SystemExit, match="--pad_to_multiple_of must be >= 1"):
         parse_args(base + ["--output_dir", "unused", "--pad_to_multiple_of", "0"])
+    with pytest.raises(SystemExit, match="--pad_to_multiple_of pads batches, which --padding_free true does not"):
+        parse_args(base + ["--output_dir", "unused", "--padding_free", "true", "--pad_to_multiple_of", "16"])
 
 
 @pytest.mark.parametrize("flags,problem", [
