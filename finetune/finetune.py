@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 from transformers import set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import parse_args
 from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
@@ -81,14 +82,22 @@ def compile_blocks(model, cuda_graphs=False):
     from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     if cuda_graphs:
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
         # set globally: per-compile options reach the forward graph but not the backward, compiled later (crashes)
-        torch._inductor.config.triton.cudagraphs = True
+        inductor_config.triton.cudagraphs = True
         # debug checks that walk the graph memory pool at every recording: seconds per new shape
-        torch._inductor.config.triton.slow_path_cudagraph_asserts = False
+        inductor_config.triton.slow_path_cudagraph_asserts = False
+    blocks = (LlamaDecoderLayer, Idefics2EncoderLayer)
+    zero3 = is_deepspeed_zero3_enabled()
+    if zero3:  # ZeRO-3's parameter hooks do not trace (graph breaks, then recompiles until dynamo gives up):
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, list(blocks))  # hooks on the blocks only, each gathering its parameters at once
     for module in model.modules():
-        if isinstance(module, (LlamaDecoderLayer, Idefics2EncoderLayer)):
-            module.compile(dynamic=True)
+        if isinstance(module, blocks):
+            if zero3:
+                module.forward = torch.compile(module.forward, dynamic=True)  # the block's hooks stay outside
+            else:
+                module.compile(dynamic=True)
 
 
 def upcast_trainable(model):
