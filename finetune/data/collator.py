@@ -12,6 +12,11 @@ from .conversation import IGNORE_INDEX
 HOST_KEYS = ("image_bound", "tgt_sizes")
 
 
+def padded_length(length, pad_to_multiple_of):
+    """A padded batch's token width: its longest sample's, rounded up to the multiple (ints or numpy arrays)."""
+    return -(-length // pad_to_multiple_of) * pad_to_multiple_of
+
+
 def collate(examples, pad_token_id=0, pad_to_multiple_of=1, padding_free=False):
     """Examples from `encode_conversation` -> model keyword arguments. Images are packed in sample order
     (source then slices), so `image_bound[b]` lines up with them; `pixel_values` is None without images.
@@ -30,7 +35,7 @@ def collate(examples, pad_token_id=0, pad_to_multiple_of=1, padding_free=False):
     lengths = torch.tensor([len(ex["input_ids"]) for ex in examples])
     if padding_free:
         return dict(images, **concatenate(examples, lengths))
-    width = -(-int(lengths.max()) // pad_to_multiple_of) * pad_to_multiple_of
+    width = padded_length(int(lengths.max()), pad_to_multiple_of)
 
     def pad(key, value):
         return torch.stack([F.pad(ex[key], (0, width - len(ex[key])), value=value) for ex in examples])

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from replace_file.image_processing_minicpmv import image_placeholder, slice_plan
 
+from .collator import padded_length
 from .conversation import IGNORE_INDEX, encode_conversation, tokenize_conversation
 from .records import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TAG, RecordFile, SampleError, validate_record
 
@@ -170,7 +171,7 @@ class ConversationDataset:
     def batch_shapes(self, pad_to_multiple_of=1):
         """The distinct shapes of one-sample batches, most common first: [((tokens after padding, image units,
         patches of the widest unit), indices of the samples that have it)]."""
-        tokens = -(-self.entries["length"] // pad_to_multiple_of) * pad_to_multiple_of
+        tokens = padded_length(self.entries["length"], pad_to_multiple_of)
         keys = np.stack([tokens, self.entries["image_units"], self.entries["widest_unit"]], axis=1)
         shapes, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
         order = np.argsort(-counts, kind="stable")
