@@ -145,7 +145,7 @@ def parse_args(argv=None):
     if training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if training_args.deepspeed:
-        resolve_deepspeed_config(training_args)
+        resolve_deepspeed_config(training_args, tune_args.compile_blocks)
     return model_args, data_args, tune_args, training_args
 
 
@@ -176,13 +176,18 @@ def setup_cpu_deepspeed():
     return ["--accelerator_config", '{"use_configured_state": true}']
 
 
-def resolve_deepspeed_config(training_args):
+def resolve_deepspeed_config(training_args, compile_blocks):
     """Fill the DeepSpeed config's "auto" values again once the process group exists: transformers 5 fills
     them when the arguments are created, before it knows the world size, and ZeRO-3 model creation (before
-    the Trainer exists) would then fail its batch-size check on more than one process."""
+    the Trainer exists) would then fail its batch-size check on more than one process.
+    With compiled blocks under ZeRO-3, DeepSpeed keeps torch's linear: its replacement (memory_efficient_linear)
+    makes dynamo guard on each weight's ZeRO id, so every block recompiles until dynamo gives up and runs them
+    eagerly (as DeepSpeed does for its own compile option)."""
     from accelerate.utils import DeepSpeedPlugin
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
     _ = training_args.device  # sets up the process group
     training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
+    if compile_blocks and training_args.hf_deepspeed_config.is_zero3():
+        training_args.hf_deepspeed_config.config["zero_optimization"]["memory_efficient_linear"] = False
     training_args.hf_deepspeed_config.trainer_config_process(training_args)
     training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)

@@ -132,6 +132,30 @@ def test_zero3_compiled_blocks_leave_deepspeeds_hooks_untraced(train_data, ckpt_
 
 
 @pytest.mark.slow
+def test_zero3_keeps_torchs_linear_for_compiled_blocks(ckpt_dir, train_data, tmp_path):
+    """ZeRO-3 replaces torch's linear by its own autograd function (DeepSpeed's memory_efficient_linear), on which
+    dynamo (torch 2.11) guards each weight's ZeRO id: every block recompiled until dynamo gave up and ran the
+    rest eagerly (seen on GPUs). With --compile_blocks the run's DeepSpeed config keeps torch's linear; without,
+    DeepSpeed's default stands."""
+    script = ("import sys, torch\n"
+              "from finetune.arguments import parse_args\n"
+              "from finetune.model import load_model\n"
+              "args = parse_args(sys.argv[2:])  # kept: transformers holds its DeepSpeed config weakly\n"
+              "load_model(sys.argv[1], dtype=torch.float32)\n"
+              "print('torch linear:', torch.nn.functional.linear is torch._C._nn.linear)\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29900 + os.getpid() % 90))
+    for compile_blocks, kept in (("true", True), ("false", False)):
+        args = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
+                "--output_dir", str(tmp_path), "--deepspeed", str(REPO / "ds_config_zero3.json"),
+                "--compile_blocks", compile_blocks]
+        run = subprocess.run([sys.executable, "-c", script, str(ckpt_dir)] + args, cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"torch linear: {kept}" in run.stdout
+
+
+@pytest.mark.slow
 def test_zero2_lora_trains_adapters_and_resampler_only(train_data, ckpt_dir, tmp_path, conformance):
     out_dir = tmp_path / "lora"
     torchrun(["--data_path", str(train_data / "train.json"), "--output_dir", str(out_dir), "--max_steps", "2",
