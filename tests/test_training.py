@@ -35,7 +35,7 @@ def train_data(conformance, tmp_path_factory):
 
 
 def torchrun(args, ckpt_dir, timeout=600, nproc=2):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU on any host
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29600 + os.getpid() % 300), "-m", "finetune.finetune", "--model_name_or_path", str(ckpt_dir),
            "--report_to", "none", "--per_device_train_batch_size", "1", "--logging_steps", "1",
