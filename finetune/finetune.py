@@ -92,6 +92,7 @@ def compile_blocks(model, cuda_graphs=False):
     if zero3:  # ZeRO-3's parameter hooks do not trace (graph breaks, then recompiles until dynamo gives up):
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, list(blocks))  # hooks on the blocks only, each gathering its parameters at once
+        # torch's linear inside them is kept by arguments.resolve_deepspeed_config, before ZeRO-3 builds the model
     for module in model.modules():
         if isinstance(module, blocks):
             if zero3:

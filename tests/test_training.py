@@ -34,8 +34,12 @@ def train_data(conformance, tmp_path_factory):
     return folder
 
 
+def cpu_deepspeed_env(**extra):
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)  # any host
+
+
 def torchrun(args, ckpt_dir, timeout=600, nproc=2):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU on any host
+    env = cpu_deepspeed_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29600 + os.getpid() % 300), "-m", "finetune.finetune", "--model_name_or_path", str(ckpt_dir),
            "--report_to", "none", "--per_device_train_batch_size", "1", "--logging_steps", "1",
@@ -143,8 +147,8 @@ def test_zero3_keeps_torchs_linear_for_compiled_blocks(ckpt_dir, train_data, tmp
               "args = parse_args(sys.argv[2:])  # kept: transformers holds its DeepSpeed config weakly\n"
               "load_model(sys.argv[1], dtype=torch.float32)\n"
               "print('torch linear:', torch.nn.functional.linear is torch._C._nn.linear)\n")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29900 + os.getpid() % 90))
+    env = cpu_deepspeed_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(29900 + os.getpid() % 90))
     for compile_blocks, kept in (("true", True), ("false", False)):
         args = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
                 "--output_dir", str(tmp_path), "--deepspeed", str(REPO / "ds_config_zero3.json"),
