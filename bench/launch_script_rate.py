@@ -4,7 +4,10 @@ steps, so start-up and compilation stay out of the figure.
 
     python bench/launch_script_rate.py --make_checkpoint /tmp/random-8b    # full-size random weights, once
     MODEL=/tmp/random-8b DATA=... bash finetune_lora.sh ... --max_steps 40 --logging_steps 5 --output_dir OUT
-    python bench/launch_script_rate.py --events OUT --from_step 10 --samples_per_step 4
+    python bench/launch_script_rate.py --events OUT --from_step 10 --samples_per_step 4 [--data ... --gpus N]
+
+With --data (the run's training data) and --gpus, MFU too: the data's mean model FLOPs per sample (counted as
+bench/train_throughput.py counts them, full finetuning unless --lora) over the run's samples/s.
 """
 import argparse
 import glob
@@ -28,6 +31,22 @@ def make_checkpoint(folder):
             shutil.copy(Path(reference, name), Path(folder, name))
 
 
+def flops_per_sample(data, lora=False, tune_vision=True):
+    """Mean model FLOPs of one sample of DATA (each sample alone; padding-free batches cost the same)."""
+    from finetune.data.collator import collate
+    from finetune.data.conversation import ImageSettings
+    from finetune.data.dataset import ConversationDataset, ScanOptions, scan
+    from finetune.model import load_tokenizer, read_config
+    from finetune.official_format import reference_model_dir
+    from bench.train_throughput import batch_counts
+    path = reference_model_dir()
+    tokenizer, settings = load_tokenizer(path), ImageSettings.from_config(read_config(path))
+    dataset = ConversationDataset(scan([data], tokenizer, settings, ScanOptions()), tokenizer, settings, ScanOptions())
+    flops = [batch_counts(collate([dataset[i]], pad_token_id=tokenizer.pad_token_id), lora, tune_vision)[1]
+             for i in range(len(dataset))]
+    return sum(flops) / len(flops)
+
+
 def rate(output_dir, from_step, samples_per_step):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(sorted(glob.glob(f"{output_dir}/**/events.out.tfevents.*", recursive=True))[-1])
@@ -43,11 +62,19 @@ def main():
     ap.add_argument("--events", help="the run's output_dir")
     ap.add_argument("--from_step", type=int, default=10)
     ap.add_argument("--samples_per_step", type=int, default=4, help="all GPUs together")
+    ap.add_argument("--data", help="the run's training data: report MFU too")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--lora", action="store_true", help="the run trained LoRA adapters (4N for frozen weights)")
     a = ap.parse_args()
     if a.make_checkpoint:
         make_checkpoint(a.make_checkpoint)
     if a.events:
-        print(json.dumps(rate(a.events, a.from_step, a.samples_per_step)))
+        result = rate(a.events, a.from_step, a.samples_per_step)
+        if a.data:
+            from bench.train_throughput import PEAK_FLOPS
+            result["flops_per_sample"] = flops_per_sample(a.data, a.lora)
+            result["mfu"] = result["samples_per_s"] * result["flops_per_sample"] / (PEAK_FLOPS * a.gpus)
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
