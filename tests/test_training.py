@@ -49,6 +49,16 @@ def torchrun(args, ckpt_dir, timeout=600, nproc=2):
     return out
 
 
+def zero3_config(folder):
+    """The shipped ZeRO-3 config with every parameter partitioned: its persistence threshold is sized for the 8B
+    model, and would keep each of the fixture model's small parameters whole on every rank."""
+    config = json.loads((REPO / "ds_config_zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = folder / "ds_config_zero3.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 def changed_parameters(folder, ckpt_dir):
     trained, base = load_model(folder, dtype=torch.float32), load_model(ckpt_dir, dtype=torch.float32)
     base_params = dict(base.named_parameters())
@@ -82,7 +92,7 @@ def logits_and_loss(model, batch):
 @pytest.mark.slow
 def test_zero3_full_finetune_saves_reloads_and_resumes_exactly(train_data, ckpt_dir, tmp_path, conformance):
     common = ["--data_path", str(train_data / "train.json"), "--eval_data_path", str(train_data / "eval.json"),
-              "--deepspeed", str(REPO / "ds_config_zero3.json"), "--learning_rate", "1e-3",
+              "--deepspeed", zero3_config(tmp_path), "--learning_rate", "1e-3",
               "--gradient_checkpointing", "true", "--save_steps", "2", "--evaluation_strategy", "steps", "--eval_steps", "2"]
     full = tmp_path / "full"
     torchrun(common + ["--output_dir", str(full), "--max_steps", "3"], ckpt_dir)
@@ -123,7 +133,7 @@ def test_zero3_compiled_blocks_leave_deepspeeds_hooks_untraced(train_data, ckpt_
     dynamo never traces DeepSpeed's parameter hooks (which broke graphs and recompiled until dynamo gave up and ran
     them eagerly), and the run logs the eager run's losses."""
     monkeypatch.setenv("TORCH_LOGS", "graph_breaks,recompiles")
-    common = ["--data_path", str(train_data / "train.json"), "--deepspeed", str(REPO / "ds_config_zero3.json"),
+    common = ["--data_path", str(train_data / "train.json"), "--deepspeed", zero3_config(tmp_path),
               "--learning_rate", "1e-3", "--gradient_checkpointing", "true", "--max_steps", "2", "--save_steps", "2"]
     torchrun(common + ["--output_dir", str(tmp_path / "eager")], ckpt_dir)
     run = torchrun(common + ["--output_dir", str(tmp_path / "compiled"), "--compile_blocks", "true"], ckpt_dir)
@@ -151,7 +161,7 @@ def test_zero3_keeps_torchs_linear_for_compiled_blocks(ckpt_dir, train_data, tmp
                             MASTER_PORT=str(29900 + os.getpid() % 90))
     for compile_blocks, kept in (("true", True), ("false", False)):
         args = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
-                "--output_dir", str(tmp_path), "--deepspeed", str(REPO / "ds_config_zero3.json"),
+                "--output_dir", str(tmp_path), "--deepspeed", zero3_config(tmp_path),
                 "--compile_blocks", compile_blocks]
         run = subprocess.run([sys.executable, "-c", script, str(ckpt_dir)] + args, cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
