@@ -40,8 +40,8 @@ def flops_per_sample(data, lora=False, tune_vision=True):
     from finetune.official_format import reference_model_dir
     from bench.train_throughput import batch_counts
     path = reference_model_dir()
-    tokenizer, settings = load_tokenizer(path), ImageSettings.from_config(read_config(path))
-    dataset = ConversationDataset(scan([data], tokenizer, settings, ScanOptions()), tokenizer, settings, ScanOptions())
+    tokenizer, settings, options = load_tokenizer(path), ImageSettings.from_config(read_config(path)), ScanOptions()
+    dataset = ConversationDataset(scan([data], tokenizer, settings, options), tokenizer, settings, options)
     flops = [batch_counts(collate([dataset[i]], pad_token_id=tokenizer.pad_token_id), lora, tune_vision)[1]
              for i in range(len(dataset))]
     return sum(flops) / len(flops)

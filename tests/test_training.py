@@ -159,10 +159,10 @@ def test_zero3_keeps_torchs_linear_for_compiled_blocks(ckpt_dir, train_data, tmp
               "print('torch linear:', torch.nn.functional.linear is torch._C._nn.linear)\n")
     env = cpu_deepspeed_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(29900 + os.getpid() % 90))
+    config = zero3_config(tmp_path)
     for compile_blocks, kept in (("true", True), ("false", False)):
         args = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
-                "--output_dir", str(tmp_path), "--deepspeed", zero3_config(tmp_path),
-                "--compile_blocks", compile_blocks]
+                "--output_dir", str(tmp_path), "--deepspeed", config, "--compile_blocks", compile_blocks]
         run = subprocess.run([sys.executable, "-c", script, str(ckpt_dir)] + args, cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
