@@ -246,6 +246,9 @@ def main():
     if world > 1:
         torch.distributed.all_reduce(tensor)
     samples, tokens, patches, flops, flops_6n = tensor.tolist()
+    step_flops = torch.tensor([s["flops"] for s in timed], device="cuda", dtype=torch.float64)  # all ranks' work
+    if world > 1:
+        torch.distributed.all_reduce(step_flops)
     phases = list(meter.peaks)
     peaks = torch.tensor([meter.peaks[p] for p in phases], device="cuda")  # [phase, (allocated, reserved)]
     if world > 1:
@@ -262,6 +265,7 @@ def main():
         peak_allocated_gib=peak_alloc[0].item(), peak_reserved_gib=peak_alloc[1].item(),
         peak_allocated_gib_by_phase={p: round(v, 2) for p, v in zip(phases, peaks[:, 0].tolist())},
         gpu_utilisation_mean=sum(meter.util) / max(len(meter.util), 1), step_seconds=[round(s["seconds"], 3) for s in timed],
+        step_tflop=[round(f / 1e12, 1) for f in step_flops.tolist()],
         finetune_args=args)
     if meter.communication:  # rank 0's two profiled steps
         report["profiled_communication"] = meter.communication
@@ -271,7 +275,7 @@ def main():
         report["save_seconds"] = time.perf_counter() - start
         report["save_gib"] = sum(f.stat().st_size for f in Path(a.save_to).rglob("*") if f.is_file()) / 2**30
     if trainer.args.process_index == 0:
-        print(json.dumps({k: v for k, v in report.items() if k not in ("finetune_args", "step_seconds")}, indent=1))
+        print(json.dumps({k: v for k, v in report.items() if k not in ("finetune_args", "step_seconds", "step_tflop")}, indent=1))
         os.makedirs(a.out, exist_ok=True)
         Path(a.out, f"train_{a.name}.json").write_text(json.dumps(report, indent=1) + "\n")
 
