@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Full finetuning of MiniCPM-Llama3-V 2.5 (LLM, vision tower and resampler) under DeepSpeed ZeRO-2
-# (DS_CONFIG=ds_config_zero3.json for ZeRO-3). Environment: MODEL, DATA, EVAL_DATA, OUTPUT_DIR,
+# (DS_CONFIG=ds_config_zero1.json: faster with gradient accumulation; keeps the whole
+# gradient on each GPU: 8 GiB more per GPU on 2 GPUs, 14 on 8;
+# DS_CONFIG=ds_config_zero3.json for ZeRO-3). Environment: MODEL, DATA, EVAL_DATA, OUTPUT_DIR,
 # GPUS_PER_NODE (default: all visible GPUs), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, DS_CONFIG.
 # Extra arguments go to finetune.py (any transformers TrainingArguments flag) and override the defaults.
 set -euo pipefail
