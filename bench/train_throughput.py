@@ -241,14 +241,13 @@ def main():
     timed = meter.steps[meter.first_timed:]  # profiled steps run slower: not timed
     world = trainer.args.world_size
     seconds = sum(s["seconds"] for s in timed)
-    tensor = torch.tensor([sum(s[k] for s in timed) for k in ("samples", "tokens", "patches", "flops", "flops_6n")],
-                          device="cuda", dtype=torch.float64)
+    # totals, then each timed step's model FLOPs (summed over ranks: all ranks' work in that step)
+    totals = [sum(s[k] for s in timed) for k in ("samples", "tokens", "patches", "flops_6n")]
+    tensor = torch.tensor(totals + [s["flops"] for s in timed], device="cuda", dtype=torch.float64)
     if world > 1:
         torch.distributed.all_reduce(tensor)
-    samples, tokens, patches, flops, flops_6n = tensor.tolist()
-    step_flops = torch.tensor([s["flops"] for s in timed], device="cuda", dtype=torch.float64)  # all ranks' work
-    if world > 1:
-        torch.distributed.all_reduce(step_flops)
+    (samples, tokens, patches, flops_6n), step_flops = tensor[:4].tolist(), tensor[4:].tolist()
+    flops = sum(step_flops)
     phases = list(meter.peaks)
     peaks = torch.tensor([meter.peaks[p] for p in phases], device="cuda")  # [phase, (allocated, reserved)]
     if world > 1:
@@ -265,7 +264,7 @@ def main():
         peak_allocated_gib=peak_alloc[0].item(), peak_reserved_gib=peak_alloc[1].item(),
         peak_allocated_gib_by_phase={p: round(v, 2) for p, v in zip(phases, peaks[:, 0].tolist())},
         gpu_utilisation_mean=sum(meter.util) / max(len(meter.util), 1), step_seconds=[round(s["seconds"], 3) for s in timed],
-        step_tflop=[round(f / 1e12, 1) for f in step_flops.tolist()],
+        step_tflop=[round(f / 1e12, 1) for f in step_flops],
         finetune_args=args)
     if meter.communication:  # rank 0's two profiled steps
         report["profiled_communication"] = meter.communication
