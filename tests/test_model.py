@@ -301,8 +301,10 @@ def test_master_weight_adamw_matches_fp32_adamw():
             p.grad, r.grad = grad.bfloat16(), grad.bfloat16().float()
         ours.step(), fp32.step()
         for group, refs, group_params in zip(ours.param_groups, references, params):
-            master = group["params"][0]  # fp32 AdamW up to the order of rounding (one ulp here and there)
-            torch.testing.assert_close(master, torch.cat([r.detach().flatten() for r in refs]), rtol=1e-6, atol=0)
+            master = group["params"][0]  # fp32 AdamW up to rounding: an ulp or two of an lr-sized update (the
+            # CPU's vector width changes torch's rounding; near zero that is far above 1e-6 of the value)
+            torch.testing.assert_close(master, torch.cat([r.detach().flatten() for r in refs]), rtol=1e-6,
+                                       atol=2 * torch.finfo(torch.float32).eps * 1e-2)
             assert torch.equal(torch.cat([p.detach().flatten() for p in group_params]), master.bfloat16())
         assert all(p.grad is None for p in sum(params, []))
     # resume: a new optimizer over the checkpoint's bf16 weights continues exactly (masters and moments saved)
