@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.arguments import TuneArguments  # noqa: E402
 from finetune.model import configure_trainable  # noqa: E402
 from finetune.official_format import official_config  # noqa: E402
-from finetune.trainer import MasterWeightAdamW  # noqa: E402
+from finetune.optimizer import MasterWeightAdamW  # noqa: E402
 from replace_file import MiniCPMV, MiniCPMVConfig  # noqa: E402
 
 

@@ -28,7 +28,8 @@ from .data.collator import collate
 from .data.conversation import ImageSettings
 from .data.dataset import ConversationDataset, ScanOptions, scan
 from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
-from .trainer import CudaGraphRecording, MiniCPMVTrainer
+from .cuda_graphs import CudaGraphRecording, enable_cuda_graphs
+from .trainer import MiniCPMVTrainer
 
 logger = logging.getLogger("finetune")
 
@@ -82,11 +83,7 @@ def compile_blocks(model, cuda_graphs=False):
     from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     if cuda_graphs:
-        from torch._inductor import config as inductor_config
-        # set globally: per-compile options reach the forward graph but not the backward, compiled later (crashes)
-        inductor_config.triton.cudagraphs = True
-        # debug checks that walk the graph memory pool at every recording: seconds per new shape
-        inductor_config.triton.slow_path_cudagraph_asserts = False
+        enable_cuda_graphs()
     blocks = (LlamaDecoderLayer, Idefics2EncoderLayer)
     zero3 = is_deepspeed_zero3_enabled()
     if zero3:  # ZeRO-3's parameter hooks do not trace (graph breaks, then recompiles until dynamo gives up):
