@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # LoRA finetuning of MiniCPM-Llama3-V 2.5: adapters on the LLM's attention and MLP projections, the resampler
 # trained in full (vision tower too with --tune_vision true). Environment: MODEL, DATA, EVAL_DATA, OUTPUT_DIR,
-# GPUS_PER_NODE (default: all visible GPUs), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, DS_CONFIG.
+# GPUS_PER_NODE (default: all visible GPUs), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, DS_CONFIG (default:
+# the plan's). The run plans its own execution for the GPUs it is on and prints the plan before the first step.
 # Extra arguments go to finetune.py (any transformers TrainingArguments flag) and override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")"

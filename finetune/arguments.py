@@ -1,9 +1,13 @@
-"""Command-line arguments of finetune.py: the official flags plus every transformers TrainingArguments flag."""
+"""Command-line arguments of finetune.py: the official flags plus every transformers TrainingArguments flag. Parsing
+and checking only: what the run does with them is decided by finetune.plan."""
+import json
 import os
 import sys
 from dataclasses import dataclass, field
 
 import transformers
+
+from .plan import DEFAULT_GLOBAL_BATCH, given_flags
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
@@ -27,12 +31,13 @@ class DataArguments:
     max_image_pixels: int = field(default=50_000_000)
     check_workers: int = field(default=0, metadata={"help": "processes for the pre-training data check (0: all cores)"})
     decode_images_in_check: bool = field(default=False, metadata={"help": "fully decode images in the check"})
-    pad_to_multiple_of: int = field(default=1, metadata={
-        "help": "padded batches: round each batch's token length up to a multiple of this, for fewer distinct shapes "
-                "(cuDNN attention builds plans for every new one, ~0.1 s per shape on an H100); not with --padding_free"})
-    padding_free: bool = field(default=False, metadata={
+    pad_to_multiple_of: int = field(default=None, metadata={
+        "help": "padded batches: round each batch's token length up to a multiple of this, for fewer distinct shapes; "
+                "not with --padding_free (default: the plan's)"})
+    padding_free: bool = field(default=None, metadata={
         "help": "concatenate each batch's samples in one row instead of padding them to the longest (each attends "
-                "only to itself; on GPUs through flash attention's variable-length kernel): no compute on padding"})
+                "only to itself; on GPUs through flash attention's variable-length kernel): no compute on padding "
+                "(default: the plan's: on GPUs with bf16)"})
 
 
 @dataclass
@@ -41,27 +46,29 @@ class TuneArguments:
     tune_llm: bool = field(default=True, metadata={"help": "train the LLM in full (ignored with --use_lora)"})
     tune_resampler: bool = field(default=True, metadata={"help": "train the resampler (in full)"})
     tune_embed_tokens: bool = field(default=False, metadata={"help": "with LoRA: also train embed_tokens in full"})
-    checkpointing_modules: str = field(default="all", metadata={
-        "help": "with --gradient_checkpointing: all | vision | llm | resampler. 'vision' recomputes only the vision "
-                "tower and resampler, whose activations are the largest per FLOP; 'resampler' only the resampler "
-                "(1.8 GiB per 4 samples, ~4 %% slower). Measured on one H200: recomputing two LLM blocks (llm, "
-                "--checkpointing_every_n_layers 16) saves ~1 GiB at no measurable cost"})
-    checkpointing_every_n_layers: int = field(default=1, metadata={
-        "help": "with --gradient_checkpointing: recompute only every n-th block of the chosen modules (2: half "
-                "of them), trading memory for speed"})
-    compile_blocks: bool = field(default=False, metadata={
+    checkpointing_modules: str = field(default=None, metadata={
+        "help": "with --gradient_checkpointing: all | vision | llm | resampler | none. 'vision' recomputes the vision "
+                "tower and the resampler, 'resampler' only the resampler (default: the plan's)"})
+    checkpointing_every_n_layers: int = field(default=None, metadata={
+        "help": "recompute only every n-th block of the chosen modules (2: half of them), trading memory for speed "
+                "(default: the plan's)"})
+    compile_blocks: bool = field(default=None, metadata={
         "help": "torch.compile (inductor) each vision and LLM block: fused norms, activations, LoRA and residual "
-                "kernels. The first steps compile (a minute or two); shapes are dynamic, so no recompiles after"})
-    cuda_graphs: bool = field(default=False, metadata={
-        "help": "with --compile_blocks on a GPU without DeepSpeed: each block's kernels replayed as CUDA graphs, "
-                "for small steps whose kernels the host cannot launch fast enough (1 sample per step on an H100: "
-                "~4 -> 6.2 samples/s). Each batch shape is recorded once (seconds; with 1 sample per step the "
-                "data's most common shapes before the first step), so batches are padded to a multiple of 64 "
-                "tokens unless --pad_to_multiple_of says otherwise; not with --padding_free or "
-                "--gradient_checkpointing"})
-    optimizer_moments_dtype: str = field(default="float32", metadata={
-        "help": "bfloat16: AdamW's moments stored in bf16, 4 bytes less per trained parameter (2 GiB for LoRA with "
-                "the vision tower trained); bf16 models without DeepSpeed only"})
+                "kernels; the first steps compile, shapes are dynamic (default: on GPUs)"})
+    cuda_graphs: bool = field(default=None, metadata={
+        "help": "with --compile_blocks on one GPU without DeepSpeed: each block's kernels replayed as CUDA graphs, "
+                "for 1-sample steps whose kernels the host cannot launch fast enough; each batch shape is recorded "
+                "once, so batches are padded to a multiple of 64 tokens (default: the plan's)"})
+    optimizer_moments_dtype: str = field(default=None, metadata={
+        "help": "float32 | bfloat16: AdamW's moments in bf16 take 4 bytes less per trained parameter; bf16 models "
+                "without DeepSpeed only (default: the plan's, float32 unless that does not fit)"})
+    global_batch_size: int = field(default=None, metadata={
+        "help": f"samples per optimizer step over all GPUs (default {DEFAULT_GLOBAL_BATCH}); the plan splits it into "
+                "micro-batches and accumulation steps. Giving --per_device_train_batch_size or "
+                "--gradient_accumulation_steps instead fixes that split (global = their product x GPUs)"})
+    gpu_memory_limit: str = field(default=None, metadata={
+        "help": "plan for this much GPU memory per GPU, e.g. 24GiB, and hold the run to it (to share a GPU, or to "
+                "rehearse a smaller card); default: the GPU's memory less a headroom"})
     use_lora: bool = False
     q_lora: bool = False
     lora_r: int = 64
@@ -110,12 +117,51 @@ def translate_legacy_flags(argv):
     return out
 
 
+def pop_deepspeed(argv):
+    """Take `--deepspeed CONFIG` out of argv: DeepSpeed is set up once the plan is made (finetune.distributed), so
+    that a planned ZeRO stage and a given one take the same path. Returns (argv, the config as a dict or None, given)."""
+    out, config, given = [], None, False
+    i = 0
+    while i < len(argv):
+        name, eq, inline = argv[i].partition("=")
+        if name != "--deepspeed":
+            out.append(argv[i])
+            i += 1
+            continue
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        i += 1 if eq else 2
+        given = True
+        if value.lower() in ("", "none", "false"):
+            config = None
+        elif value.lstrip().startswith("{"):
+            config = json.loads(value)
+        elif not os.path.isfile(value):
+            raise SystemExit(f"--deepspeed {value}: no such file (ds_config_zero1.json, ds_config_zero2.json, "
+                             "ds_config_zero3.json, or none)")
+        else:
+            with open(value) as f:
+                config = json.load(f)
+    return out, config, given
+
+
 def parse_args(argv=None):
+    """The dataclasses, checked. `training_args.deepspeed` holds the given DeepSpeed config (a dict) or None; it is
+    set up by finetune.distributed after planning."""
     argv = translate_legacy_flags(list(sys.argv[1:] if argv is None else argv))
-    if any(a.split("=")[0] == "--deepspeed" for a in argv) and os.environ.get("DS_ACCELERATOR") == "cpu":
-        argv += setup_cpu_deepspeed()
+    argv, deepspeed, _ = pop_deepspeed(argv)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TuneArguments, TrainingArguments))
     model_args, data_args, tune_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    training_args.deepspeed = deepspeed
+    check(model_args, data_args, tune_args, training_args, given_flags(argv))
+    return model_args, data_args, tune_args, training_args
+
+
+MOMENTS_NEED = ("--optimizer_moments_dtype bfloat16 needs bf16 (a GPU that has it) and no DeepSpeed (DeepSpeed keeps "
+                "its own optimizer states)")
+
+
+def check(model_args, data_args, tune_args, training_args, given):
+    """Refuse what cannot work, and contradictions between given flags, with the fix."""
     if model_args.llm_type != "llama3":
         raise SystemExit(f"--llm_type {model_args.llm_type!r}: MiniCPM-Llama3-V 2.5 is a Llama-3 model, so only "
                          "'llama3' is valid (the official scripts' 'minicpm' is MiniCPM-V 2.0, 'qwen' is 2.6)")
@@ -124,35 +170,36 @@ def parse_args(argv=None):
                          "parameters cannot require gradients after 4-bit preparation); use --use_lora")
     if not model_args.model_name_or_path or not data_args.data_path:
         raise SystemExit("--model_name_or_path and --data_path are required")
-    if tune_args.checkpointing_modules not in ("all", "vision", "llm", "resampler"):
-        raise SystemExit("--checkpointing_modules takes all|vision|llm|resampler")
+    if tune_args.checkpointing_modules not in (None, "all", "vision", "llm", "resampler", "none"):
+        raise SystemExit("--checkpointing_modules takes all|vision|llm|resampler|none")
     for flag, value in (("--checkpointing_every_n_layers", tune_args.checkpointing_every_n_layers),
-                        ("--pad_to_multiple_of", data_args.pad_to_multiple_of)):
-        if value < 1:
+                        ("--pad_to_multiple_of", data_args.pad_to_multiple_of),
+                        ("--global_batch_size", tune_args.global_batch_size)):
+        if value is not None and value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
-    if data_args.padding_free and data_args.pad_to_multiple_of != 1:
-        raise SystemExit("--pad_to_multiple_of pads batches, which --padding_free true does not build (the launch "
-                         "scripts' GPU default): add --padding_free false to pad")
-    if tune_args.optimizer_moments_dtype not in ("float32", "bfloat16"):
+    if data_args.padding_free and (data_args.pad_to_multiple_of or 1) != 1:
+        raise SystemExit("--pad_to_multiple_of pads batches, which --padding_free true does not build: add "
+                         "--padding_free false to pad")
+    if tune_args.optimizer_moments_dtype not in (None, "float32", "bfloat16"):
         raise SystemExit("--optimizer_moments_dtype takes float32|bfloat16")
-    if tune_args.optimizer_moments_dtype != "float32" and (training_args.deepspeed or not training_args.bf16):
-        raise SystemExit("--optimizer_moments_dtype bfloat16 needs --bf16 true and no --deepspeed (DeepSpeed keeps "
-                         "its own optimizer states)")
+    if tune_args.optimizer_moments_dtype == "bfloat16" and (training_args.deepspeed or training_args.fp16):
+        raise SystemExit(MOMENTS_NEED)
     if tune_args.cuda_graphs:
         check_cuda_graphs(data_args, tune_args, training_args)
     if data_args.overlong not in ("skip", "truncate") or data_args.on_bad_sample not in ("error", "skip"):
         raise SystemExit("--overlong takes skip|truncate, --on_bad_sample error|skip")
-    if training_args.gradient_checkpointing_kwargs is None:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    if training_args.deepspeed:
-        resolve_deepspeed_config(training_args, tune_args.compile_blocks)
-    return model_args, data_args, tune_args, training_args
+    if tune_args.global_batch_size and {"--per_device_train_batch_size", "--gradient_accumulation_steps"} & given:
+        raise SystemExit("--global_batch_size and --per_device_train_batch_size / --gradient_accumulation_steps "
+                         "both set the global batch: give one or the other")
+    if tune_args.gpu_memory_limit:
+        from .plan import parse_gib
+        parse_gib(tune_args.gpu_memory_limit)
 
 
 def check_cuda_graphs(data_args, tune_args, training_args):
-    """--cuda_graphs: refused where it is untested or would record a graph per batch; pads to 64 tokens by default."""
+    """--cuda_graphs: refused where it is untested or would record a graph per batch."""
     import torch
-    problem = ("needs --compile_blocks true" if not tune_args.compile_blocks else
+    problem = ("needs compiled blocks (not --compile_blocks false)" if tune_args.compile_blocks is False else
                "does not run under --deepspeed (with the launch scripts: DS_CONFIG=none)" if training_args.deepspeed else
                "needs padded batches (--padding_free false): every new length would be recorded"
                if data_args.padding_free else
@@ -160,34 +207,3 @@ def check_cuda_graphs(data_args, tune_args, training_args):
                "needs a CUDA GPU" if not torch.cuda.is_available() else None)
     if problem:
         raise SystemExit(f"--cuda_graphs {problem}")
-    if data_args.pad_to_multiple_of == 1:
-        data_args.pad_to_multiple_of = 64
-
-
-def setup_cpu_deepspeed():
-    """DeepSpeed on CPU (DS_ACCELERATOR=cpu, used by the tests): accelerate only starts DeepSpeed's process
-    group on accelerators, so start it here (gloo) and have the TrainingArguments use this state."""
-    from accelerate import PartialState
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    try:
-        PartialState(backend="gloo")
-    finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    return ["--accelerator_config", '{"use_configured_state": true}']
-
-
-def resolve_deepspeed_config(training_args, compile_blocks):
-    """Fill the DeepSpeed config's "auto" values again once the process group exists: transformers 5 fills
-    them when the arguments are created, before it knows the world size, and ZeRO-3 model creation (before
-    the Trainer exists) would then fail its batch-size check on more than one process.
-    With compiled blocks under ZeRO-3, DeepSpeed keeps torch's linear: its replacement (memory_efficient_linear)
-    makes dynamo guard on each weight's ZeRO id, so every block recompiles until dynamo gives up and runs them
-    eagerly (as DeepSpeed does for its own compile option)."""
-    from accelerate.utils import DeepSpeedPlugin
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-    _ = training_args.device  # sets up the process group
-    training_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training_args.deepspeed)
-    if compile_blocks and training_args.hf_deepspeed_config.is_zero3():
-        training_args.hf_deepspeed_config.config["zero_optimization"]["memory_efficient_linear"] = False
-    training_args.hf_deepspeed_config.trainer_config_process(training_args)
-    training_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training_args.hf_deepspeed_config)

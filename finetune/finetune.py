@@ -3,49 +3,54 @@
     torchrun --nproc_per_node N -m finetune.finetune --model_name_or_path M --data_path D [flags]
 
 Order of setup, and why:
-1. arguments (legacy flags of the official scripts translated; bad combinations stop here);
+1. arguments (legacy flags of the official scripts translated; bad combinations stop here), then the process group;
 2. tokenizer and config, then the data check: every sample is validated and measured on the main process
    before any weights load, so a bad data set fails in seconds, with the full list of problems;
-3. the model, after the TrainingArguments exist, so that under ZeRO-3 it is created partitioned;
-4. gradient checkpointing on the chosen modules (non-reentrant, so frozen embeddings need no gradients), then
-   trainable modules / LoRA;
-5. train (resuming from the newest *complete* checkpoint when asked), then save the final folder atomically.
+3. the plan (finetune.plan): how to run on these GPUs, from the data's exact shapes and the model config, printed
+   before any weights load; a run that cannot fit stops here with what would make it fit;
+4. the TrainingArguments rebuilt with the plan, so that under ZeRO-3 the model is created partitioned;
+5. the model, recomputation and trainable modules / LoRA, compiled blocks, as planned;
+6. train (resuming from the newest *complete* checkpoint when asked), then save the final folder atomically.
 """
 import gc
 import logging
 import os
+import sys
 from functools import partial
 
-import torch
-import torch.distributed as dist
-import torch.utils.checkpoint
-from transformers import set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
+if __package__ in (None, ""):  # run as a script (python finetune/finetune.py), as the official repo's users do
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "finetune"
 
-from .arguments import parse_args
-from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
-from .data.collator import collate
-from .data.conversation import ImageSettings
-from .data.dataset import ConversationDataset, ScanOptions, scan
-from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
-from .cuda_graphs import CudaGraphRecording, enable_cuda_graphs
-from .trainer import MiniCPMVTrainer
+import torch  # noqa: E402
+from transformers import set_seed  # noqa: E402
+
+from . import distributed  # noqa: E402
+from .arguments import parse_args  # noqa: E402
+from .checkpoint import latest_complete_checkpoint, register_model_files, save_final  # noqa: E402
+from .cuda_graphs import CudaGraphRecording  # noqa: E402
+from .data.collator import collate  # noqa: E402
+from .data.conversation import ImageSettings  # noqa: E402
+from .data.dataset import ConversationDataset, ScanOptions, scan  # noqa: E402
+from .data.records import RecordFile  # noqa: E402
+from .execution import apply_recompute, compile_blocks, upcast_trainable  # noqa: E402
+from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary  # noqa: E402
+from .plan import GIB, Hardware, ParameterCounts, Workload, deepspeed_config_for, fixed_from_args, make_plan, \
+    parse_gib  # noqa: E402
+from .trainer import MemoryReport, MiniCPMVTrainer  # noqa: E402
 
 logger = logging.getLogger("finetune")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main_process_scan(paths, tokenizer, settings, options, args):
-    """Scan on the main process and share the result: other ranks wait rather than repeat the work."""
-    result = files = None
-    if args.process_index == 0:
+    """Scan on the main process and share the result (file paths travel, not their buffers)."""
+    def compute():
         result = scan(paths, tokenizer, settings, options)
-        files, result.files = result.files, [rf.path for rf in result.files]  # paths travel, not the buffers
-    if dist.is_available() and dist.is_initialized() and args.world_size > 1:
-        shared = [result]
-        dist.broadcast_object_list(shared, src=0)
-        result = shared[0]
-    from .data.records import RecordFile
-    result.files = files or [RecordFile(p) for p in result.files]  # other ranks read the files themselves
+        result.files = [rf.path for rf in result.files]
+        return result
+    result = distributed.from_main_process(compute, args)
+    result.files = [RecordFile(p) for p in result.files]  # every rank reads the files itself
     return result
 
 
@@ -66,50 +71,39 @@ def report_scan(result, name, on_bad_sample, model_max_length):
     return summary
 
 
-def enable_checkpointing(model, modules, every_n_layers, checkpoint_kwargs):
-    """Recompute the blocks of the chosen modules in the backward pass (every n-th block of each)."""
-    for module in {"all": (model.llm, model.vpm), "vision": (model.vpm,), "llm": (model.llm,)}.get(modules, ()):
-        module.gradient_checkpointing_enable(checkpoint_kwargs, every_n_layers=every_n_layers)
-    if modules in ("all", "vision", "resampler"):  # one block, whose activations are 1.8 GiB per 4 samples
-        model.resampler.gradient_checkpointing = True
-        model.resampler._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, **checkpoint_kwargs)
+def setup_plan(argv, config, datasets, data_args, tune_args, training_args):
+    """The run's plan, made on the main process from the data scan (finetune.plan), and its DeepSpeed config."""
+    def compute():
+        train = datasets["train"]
+        shapes = train.batch_shapes(64)
+        work = Workload.from_scan(ParameterCounts.from_config(config, tune_args), tune_args, train.entries, shapes)
+        hardware = Hardware.detect(training_args.world_size)
+        budget = parse_gib(tune_args.gpu_memory_limit) if tune_args.gpu_memory_limit else None
+        return make_plan(work, hardware, fixed_from_args(argv, data_args, tune_args, training_args,
+                                                         training_args.deepspeed), budget)
+    plan = distributed.from_main_process(compute, training_args)
+    logger.info(plan.describe())
+    if not plan.fits:
+        raise SystemExit(plan.describe())
+    given = training_args.deepspeed
+    deepspeed = given if given is not None else deepspeed_config_for(plan, REPO_DIR)
+    return plan, deepspeed
 
 
-def compile_blocks(model, cuda_graphs=False):
-    """Regional compilation: each vision and LLM block compiled in place (one graph per block class, shared by
-    all its instances; dynamic shapes, as images and lengths vary). The rest (embeddings, resampler, loss)
-    has data-dependent shapes and little to fuse, so it stays eager. With `cuda_graphs` the blocks' kernels are
-    recorded as CUDA graphs (inductor's graph trees: one recording per batch shape, then replays)."""
-    from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    if cuda_graphs:
-        enable_cuda_graphs()
-    blocks = (LlamaDecoderLayer, Idefics2EncoderLayer)
-    zero3 = is_deepspeed_zero3_enabled()
-    if zero3:  # ZeRO-3's parameter hooks do not trace (graph breaks, then recompiles until dynamo gives up):
-        from deepspeed.utils import set_z3_leaf_modules
-        set_z3_leaf_modules(model, list(blocks))  # hooks on the blocks only, each gathering its parameters at once
-        # torch's linear inside them is kept by arguments.resolve_deepspeed_config, before ZeRO-3 builds the model
-    for module in model.modules():
-        if isinstance(module, blocks):
-            if zero3:
-                module.forward = torch.compile(module.forward, dynamic=True)  # the block's hooks stay outside
-            else:
-                module.compile(dynamic=True)
-
-
-def upcast_trainable(model):
-    """fp16 without DeepSpeed: trainable parameters in fp32 under autocast (the gradient scaler needs them)."""
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+def hold_to_budget(tune_args):
+    """--gpu_memory_limit: the allocator refuses more than the limit (an overrun fails as on the smaller card)."""
+    if tune_args.gpu_memory_limit and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(parse_gib(tune_args.gpu_memory_limit) * GIB / total, 1.0))
 
 
 def main(argv=None, build_model=load_model):
     """`build_model(path, dtype=, attn_implementation=)` returns the model; benchmarks pass one that builds
     random weights of the same architecture."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, tune_args, training_args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+    rank = distributed.start(training_args)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     path = model_args.model_name_or_path
     tokenizer, config = load_tokenizer(path), read_config(path)
@@ -126,20 +120,22 @@ def main(argv=None, build_model=load_model):
     if len(datasets["train"]) == 0:
         raise SystemExit("no training samples left after the data check")
 
+    plan, deepspeed = setup_plan(argv, config, datasets, data_args, tune_args, training_args)
+    hold_to_budget(tune_args)
+    training_args = distributed.apply_plan(training_args, plan, deepspeed, plan.compile_blocks)
+    data_args.padding_free, data_args.pad_to_multiple_of = plan.padding_free, plan.pad_to_multiple_of
+
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     set_seed(training_args.seed)  # the new LoRA weights are drawn before the Trainer would seed
     attn_implementation = model_args.attn_implementation
-    if data_args.padding_free and attn_implementation == "sdpa":
+    if plan.padding_free and attn_implementation == "sdpa":
         attn_implementation = "sdpa_varlen"  # SDPA, and flash's variable-length kernel for concatenated samples
     model = build_model(path, dtype=dtype, attn_implementation=attn_implementation)
     model.config.use_cache = False
-    if training_args.gradient_checkpointing:  # enabled here, per module, instead of by the Trainer
-        enable_checkpointing(model, tune_args.checkpointing_modules, tune_args.checkpointing_every_n_layers,
-                             training_args.gradient_checkpointing_kwargs)
-        training_args.gradient_checkpointing = False
     model = configure_trainable(model, tune_args)
-    if tune_args.compile_blocks:
-        compile_blocks(model, tune_args.cuda_graphs)
+    apply_recompute(model, plan.recompute, plan.recompute_every_n_layers, training_args.gradient_checkpointing_kwargs)
+    if plan.compile_blocks:
+        compile_blocks(model, plan.cuda_graphs)
     # bf16 without DeepSpeed: compute in bf16 throughout (no autocast), fp32 master weights in the optimizer
     master_weights = training_args.bf16 and not training_args.deepspeed
     if master_weights:
@@ -150,14 +146,14 @@ def main(argv=None, build_model=load_model):
     register_model_files()
 
     trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights,
-                              cuda_graphs=tune_args.cuda_graphs,
-                              moments_dtype=getattr(torch, tune_args.optimizer_moments_dtype),
+                              cuda_graphs=plan.cuda_graphs, moments_dtype=getattr(torch, plan.moments_dtype),
                               train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,
-                                                    pad_to_multiple_of=data_args.pad_to_multiple_of,
-                                                    padding_free=data_args.padding_free))
-    if tune_args.cuda_graphs and training_args.per_device_train_batch_size == 1:  # larger batches: shapes vary
-        trainer.add_callback(CudaGraphRecording(trainer, data_args.pad_to_multiple_of))
+                                                    pad_to_multiple_of=plan.pad_to_multiple_of,
+                                                    padding_free=plan.padding_free))
+    trainer.add_callback(MemoryReport(plan.predicted_peak_gib))
+    if plan.cuda_graphs and plan.micro_batch_size == 1:  # larger batches: shapes vary
+        trainer.add_callback(CudaGraphRecording(trainer, plan.pad_to_multiple_of))
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "auto", "latest"):
         resume = latest_complete_checkpoint(training_args.output_dir)
@@ -173,3 +169,4 @@ def main(argv=None, build_model=load_model):
 
 if __name__ == "__main__":
     main()
+    distributed.finish()

@@ -4,12 +4,16 @@ that names the step and the samples (the last saved checkpoint stays as it was);
 without synchronising it (image metadata kept on the host, non-blocking copies); AdamW on fp32 master weights
 (finetune.optimizer) for a bf16 model without DeepSpeed; resumed LoRA runs keep their adapters in the model's
 dtype; with CUDA graphs, each forward starts a new step of inductor's graph trees."""
+import logging
+
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .data.collator import HOST_KEYS
 from .optimizer import MasterWeightAdamW
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,6 +75,11 @@ class MiniCPMVTrainer(Trainer):
         on_host = {k: inputs.pop(k).value for k in HOST_KEYS if k in inputs}
         return {**super()._prepare_inputs(inputs), **on_host}
 
+    def log(self, logs, *args, **kwargs):
+        if torch.cuda.is_available() and "loss" in logs:  # the measured peak, to set beside the plan's prediction
+            logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        super().log(logs, *args, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
@@ -90,3 +99,16 @@ class MiniCPMVTrainer(Trainer):
                 f"(rank {self.args.process_index}); stopping. The last saved checkpoint is intact; lower the "
                 "learning rate or check these samples.")
         return result
+
+
+class MemoryReport(TrainerCallback):
+    """The measured peak of GPU memory beside the plan's prediction, at the end of training."""
+
+    def __init__(self, predicted_gib):
+        self.predicted_gib = predicted_gib
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            logger.info("peak GPU memory %.2f GiB allocated (%.2f reserved); the plan predicted %.2f GiB",
+                        torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30,
+                        self.predicted_gib)

@@ -94,7 +94,7 @@ def test_padding_free_on_a_gpu_runs_flash_varlen_compiled_without_recompiles(ckp
     """On the GPU (bf16) the concatenated samples go through flash attention's variable-length kernel: the padded
     batch's loss and gradients (to bf16 precision), and compiled blocks take new boundaries without recompiling."""
     import torch._dynamo
-    from finetune.finetune import compile_blocks
+    from finetune.execution import compile_blocks
 
     ids = conformance.expected["batches"][0]["ids"]
     model = load_model(ckpt_dir, dtype=torch.bfloat16, device="cuda", attn_implementation="sdpa_varlen").train()
@@ -122,7 +122,7 @@ def test_cuda_graphs_replay_the_blocks_with_the_uncompiled_loss_and_gradients(ck
     import torch._dynamo
     import torch._inductor.config
     from finetune.arguments import TuneArguments
-    from finetune.finetune import compile_blocks
+    from finetune.execution import compile_blocks
     from finetune.model import configure_trainable
     ids = conformance.expected["batches"][0]["ids"]
     batches = [collate([encode(i) for i in sample_ids], pad_to_multiple_of=64) for sample_ids in (ids[:1], ids[2:])]
@@ -157,10 +157,10 @@ def test_cuda_graphs_replay_the_blocks_with_the_uncompiled_loss_and_gradients(ck
 @pytest.mark.parametrize("modules,every_n", [("all", 1), ("vision", 2), ("resampler", 1)])
 def test_checkpointing_choices_recompute_the_chosen_blocks_with_same_gradients(ckpt_dir, batch, modules, every_n):
     from transformers.modeling_layers import GradientCheckpointingLayer
-    from finetune.finetune import enable_checkpointing
+    from finetune.execution import apply_recompute
     _, reference = _gradients(load_model(ckpt_dir, dtype=torch.float32).train(), batch)
     model = load_model(ckpt_dir, dtype=torch.float32).train()
-    enable_checkpointing(model, modules, every_n, {"use_reentrant": False})
+    apply_recompute(model, modules, every_n)
     on = {n.split(".")[0] + ("" if n == "resampler" else f".{n.rsplit('.', 1)[-1]}")
           for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing}
     n_llm, n_vision = model.config.num_hidden_layers, model.config.vision_config.num_hidden_layers
@@ -179,7 +179,7 @@ def test_compiled_blocks_match_eager_without_graph_breaks_or_recompiles(ckpt_dir
     and gradients as eager, in one graph per block kind however the batch shape changes."""
     import torch._dynamo
     from finetune.arguments import TuneArguments
-    from finetune.finetune import compile_blocks, enable_checkpointing
+    from finetune.execution import apply_recompute, compile_blocks
     from finetune.model import configure_trainable
     tune = TuneArguments(use_lora=True, lora_dropout=0.0)
     smaller = collate([encode(i) for i in conformance.expected["batches"][0]["ids"][:2]])
@@ -188,7 +188,7 @@ def test_compiled_blocks_match_eager_without_graph_breaks_or_recompiles(ckpt_dir
     results = []
     for compiled in (False, True):
         model = load_model(ckpt_dir, dtype=torch.float32)
-        enable_checkpointing(model, "vision", 2, {"use_reentrant": False})
+        apply_recompute(model, "vision", 2)
         torch.manual_seed(0)  # the same LoRA initialisation
         model = configure_trainable(model, tune).train()
         if compiled:
