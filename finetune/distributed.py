@@ -2,17 +2,37 @@
 the result), the run's TrainingArguments rebuilt with the plan (DeepSpeed set up there, whether the plan chose it
 or the user gave it), and the process group closed at the end."""
 import dataclasses
+import json
 import os
 
 import torch
 import torch.distributed as dist
 
 
+def prepare(argv):
+    """Before the TrainingArguments exist. On a machine without a GPU, DeepSpeed runs on the CPU, and several
+    processes (which always train under DeepSpeed: see finetune.plan) need DeepSpeed's process group started here
+    (gloo): accelerate only starts it on accelerators, and takes the processes for separate runs otherwise.
+    Returns the flags that make the TrainingArguments use this state."""
+    if torch.cuda.is_available():
+        return []
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and "--deepspeed" not in {a.split("=")[0] for a in argv}:
+        return []
+    from accelerate import PartialState
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    return ["--accelerator_config", json.dumps(CONFIGURED_STATE)]
+
+
+CONFIGURED_STATE = {"use_configured_state": True}
+
+
 def start(training_args):
-    """Start the process group (transformers' own device set-up); on a machine without a GPU DeepSpeed runs on
-    the CPU."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Start the process group (transformers' own device set-up); returns this process's rank."""
     return training_args.process_index
 
 
@@ -35,28 +55,12 @@ def apply_plan(training_args, plan, deepspeed_config, compile_blocks):
                    deepspeed=deepspeed_config)
     if not training_args.fp16:
         changes["bf16"] = plan.bf16
-    if deepspeed_config is not None and os.environ.get("DS_ACCELERATOR") == "cpu":
-        changes["accelerator_config"] = _cpu_deepspeed_state(training_args)
+    if deepspeed_config is not None and os.environ.get("DS_ACCELERATOR") == "cpu":  # the state prepare() started
+        changes["accelerator_config"] = dict(dataclasses.asdict(training_args.accelerator_config), **CONFIGURED_STATE)
     args = dataclasses.replace(training_args, **changes)
     if deepspeed_config is not None:
         _fill_deepspeed_config(args, compile_blocks)
     return args
-
-
-def _cpu_deepspeed_state(training_args):
-    """DeepSpeed on CPU (DS_ACCELERATOR=cpu, used by the tests): accelerate only starts DeepSpeed's process group on
-    accelerators, so start its state here (gloo) and have the TrainingArguments use it."""
-    from accelerate import PartialState
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    try:
-        PartialState(backend="gloo")
-    finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    config = dataclasses.asdict(training_args.accelerator_config) if dataclasses.is_dataclass(
-        training_args.accelerator_config) else dict(training_args.accelerator_config or {})
-    return dict(config, use_configured_state=True)
 
 
 def _fill_deepspeed_config(training_args, compile_blocks):

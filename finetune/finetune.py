@@ -101,7 +101,7 @@ def main(argv=None, build_model=load_model):
     """`build_model(path, dtype=, attn_implementation=)` returns the model; benchmarks pass one that builds
     random weights of the same architecture."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, tune_args, training_args = parse_args(argv)
+    model_args, data_args, tune_args, training_args = parse_args(argv + distributed.prepare(argv))
     rank = distributed.start(training_args)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")

@@ -199,6 +199,17 @@ def test_zero1_accumulates_like_zero2_and_resumes_exactly(train_data, ckpt_dir, 
 
 
 @pytest.mark.slow
+def test_two_processes_without_a_deepspeed_config_train_under_the_planned_zero_stage(train_data, ckpt_dir, tmp_path):
+    """Full finetuning on 2 processes with no --deepspeed: the plan picks the ZeRO stage (everything fits on this
+    machine: ZeRO-1, the least communication), prints it before the first step, and the run trains under it."""
+    out = torchrun(["--data_path", str(train_data / "train.json"), "--output_dir", str(tmp_path), "--max_steps", "2",
+                    "--save_steps", "2", "--learning_rate", "1e-3"], ckpt_dir)
+    assert "plan for 2 x CPU" in out.stderr and "zero: ZeRO-1: the fastest stage that fits" in out.stderr
+    assert list((tmp_path / "checkpoint-2").glob("global_step2/*optim_states.pt"))  # DeepSpeed's optimizer shards
+    assert changed_parameters(tmp_path, ckpt_dir)
+
+
+@pytest.mark.slow
 def test_zero2_lora_trains_adapters_and_resampler_only(train_data, ckpt_dir, tmp_path, conformance):
     out_dir = tmp_path / "lora"
     torchrun(["--data_path", str(train_data / "train.json"), "--output_dir", str(out_dir), "--max_steps", "2",
