@@ -105,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--elements")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--report", help="write the report page here (HTML: tables, screenshots with the boxes)")
-    parser.add_argument("--report_gallery", type=int, default=1000,
+    parser.add_argument("--report_gallery", type=int, default=500,
                         help="the page shows at most this many wrong samples and a quarter as many right ones")
     args = parser.parse_args(argv)
     from .data.records import RecordFile, read_jsonl

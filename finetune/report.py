@@ -9,6 +9,7 @@ import base64
 import io
 import os
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image
 
@@ -63,14 +64,27 @@ def evenly(items, n):
 
 
 def thumbnail(path):
-    """(base64 JPEG, width, height) of the image scaled to THUMBNAIL px on its longer side."""
-    with Image.open(path) as image:
-        image.draft("RGB", (THUMBNAIL, THUMBNAIL))  # JPEG: decode at a reduced scale
-        image = image.convert("RGB")
-        image.thumbnail((THUMBNAIL, THUMBNAIL))
+    """(base64 JPEG, width, height) of the image scaled to THUMBNAIL px on its longer side, or the error text."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL, THUMBNAIL))  # JPEG: decode at a reduced scale
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+    except (OSError, ValueError) as e:
+        return f"cannot read image {path}: {e}"
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=80)
+    image.save(buffer, "JPEG", quality=75)
     return base64.b64encode(buffer.getvalue()).decode("ascii"), image.width, image.height
+
+
+def thumbnails(paths):
+    """{path: thumbnail(path)}, decoded on all cores when there are many (large PNG screenshots: ~20 ms each)."""
+    paths = sorted(set(paths))
+    workers = min(os.cpu_count() or 1, 16, len(paths) // 32)
+    if workers < 2:
+        return {p: thumbnail(p) for p in paths}
+    with ProcessPoolExecutor(workers) as pool:
+        return dict(zip(paths, pool.map(thumbnail, paths, chunksize=16)))
 
 
 def shapes(text, kind):
@@ -101,9 +115,9 @@ def template_around(texts):
     return len(prefix), len(suffix)
 
 
-def card(row, image_paths, thumbnails, template):
-    """What the gallery shows of one scored sample; `template`: the (prefix, suffix) lengths of its task's
-    prompts, left out of the instruction shown."""
+def card(row, image_paths, images, template):
+    """What the gallery shows of one scored sample; `images`: {path: thumbnail}; `template`: the (prefix,
+    suffix) lengths of its task's prompts, left out of the instruction shown."""
     sample, entry = row["sample"], row["entry"] or {}
     question = question_of(sample)
     start, end = template if sum(template) <= len(question) else (0, 0)
@@ -117,16 +131,11 @@ def card(row, image_paths, thumbnails, template):
         result["actions"] = {"gold": metrics.parse_actions(gold), "predicted": metrics.parse_actions(prediction or "")}
     paths = image_paths(sample)
     if paths:
-        path = paths[-1]  # the screen the answer refers to: the current (last) one
-        if path not in thumbnails:
-            try:
-                thumbnails[path] = thumbnail(path)
-            except (OSError, ValueError) as e:
-                thumbnails[path] = f"{type(e).__name__}: {e}"
-        if isinstance(thumbnails[path], str):
-            result["image_error"] = thumbnails[path]
+        shown = images[paths[-1]]  # the screen the answer refers to: the current (last) one
+        if isinstance(shown, str):
+            result["image_error"] = shown
         else:
-            data, w, h = thumbnails[path]
+            data, w, h = shown
             result.update(image=data, width=w, height=h, svg=[scale(d, w, h) for d in drawn])
     return result
 
@@ -155,8 +164,9 @@ def write_report(path, report, scored, image_paths, samples, predictions, elemen
     for row in scored:
         questions[row["task"]].append(question_of(row["sample"]))
     templates = {task: template_around(texts) for task, texts in questions.items()}
-    thumbnails = {}
-    cards = [card(r, image_paths, thumbnails, templates[r["task"]]) for r in shown_wrong + shown_right]
+    shown = shown_wrong + shown_right
+    images = thumbnails(paths[-1] for paths in map(image_paths, (r["sample"] for r in shown)) if paths)
+    cards = [card(r, image_paths, images, templates[r["task"]]) for r in shown]
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     html = env.get_template("report.html").render(
