@@ -217,3 +217,10 @@ def test_a_run_without_matplotlib_gives_one_notice(tmp_path, monkeypatch, capsys
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
     assert write_plots(str(tmp_path)) is None
     assert "matplotlib is missing" in capsys.readouterr().out and not (tmp_path / "plots").exists()
+
+
+def test_smoothing_is_tensorboards_debiased_moving_average():
+    from finetune.plot import smooth
+    # weight 0.5: sums 0.5, 1.25, 2.125 over weights 0.5, 0.75, 0.875; a non-finite value is skipped
+    assert smooth([1.0, 2.0, 3.0], 0.5) == pytest.approx([1.0, 1.25 / 0.75, 2.125 / 0.875])
+    assert smooth([1.0, float("nan"), 3.0], 0.5)[2] == pytest.approx(1.75 / 0.75)
