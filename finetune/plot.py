@@ -91,7 +91,8 @@ def write_plots(output_dir, smoothing=None):
         counts = {"raw": len(raw.get_xdata())}
         if key not in UNSMOOTHED:
             weight = default_smoothing(len(values)) if smoothing is None else smoothing
-            line, = axes.plot(steps, smooth(values, weight), color="C0", linewidth=2, label=f"smoothed (moving average, {weight:.2f})")
+            line, = axes.plot(steps, smooth(values, weight), color="C0", linewidth=2,
+                              label=f"smoothed (moving average, {weight:.2f})")
             counts["smoothed"] = len(line.get_xdata())
             axes.legend()
         axes.set(title=TITLES.get(key, key), xlabel="step", ylabel=key)
@@ -119,7 +120,9 @@ def main(argv=None):
     if drawn is None:
         return 1
     folder = os.path.join(args.output_dir, "plots")
-    print("\n".join([f"{len(drawn)} plots in {folder}:"] + [f"  {name} ({c['raw']} points)" for name, c in drawn.items()]))
+    print(f"{len(drawn)} plots in {folder}:")
+    for name, counts in drawn.items():
+        print(f"  {name} ({counts['raw']} points)")
     return 0
 
 

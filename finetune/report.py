@@ -11,6 +11,7 @@ import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 
+import jinja2
 from PIL import Image
 
 from . import metrics
@@ -29,14 +30,14 @@ def primary_metric(row):
 
 
 def is_right(row):
+    """Whether the gallery counts the sample as right: its primary metric is met."""
     return bool(row["values"].get(primary_metric(row), 0.0) >= 1.0)
 
 
 def breakdowns(samples, predictions, elements):
-    """{meta field: {task: {"groups": {value: evaluate()'s report of that task on the samples with that value},
-    "columns": the metrics}}} for each
-    field whose values are scalars with at most MAX_GROUPS distinct values (a single value only when some
-    samples lack it)."""
+    """{meta field: {task: {"groups": {value: evaluate()'s report of the task on the samples with that value},
+    "columns": its metrics}}} for each field whose values are scalars with at most MAX_GROUPS distinct values
+    (a single value only when some samples lack it)."""
     groups = defaultdict(lambda: defaultdict(list))
     for sample in samples:
         for key, value in (sample.get("meta") or {}).items():
@@ -126,7 +127,7 @@ def card(row, image_paths, images, template):
     result = {"id": str(sample.get("id")), "task": row["task"], "right": is_right(row), "status": row["status"],
               "question": question, "instruction": question[start:len(question) - end].strip(), "gold": gold,
               "prediction": prediction if prediction is not None else entry.get("error", "(no prediction)"),
-              "values": row["values"], "primary": primary_metric(row), "meta": sample.get("meta") or {}}
+              "values": row["values"], "meta": sample.get("meta") or {}}
     if row["task"] in CLICK_STEP:
         result["actions"] = {"gold": metrics.parse_actions(gold), "predicted": metrics.parse_actions(prediction or "")}
     paths = image_paths(sample)
@@ -149,14 +150,10 @@ def scale(drawing, w, h):
     return dict(drawing, xy=[round(v, 1) for v in xy])
 
 
-def write_report(path, report, scored, image_paths, samples, predictions, elements=None, gallery=1000, sources=()):
+def write_report(path, report, scored, image_paths, samples, predictions, elements, gallery, sources=()):
     """Render the page. `report` and `scored` are evaluate()'s report and per-sample list for `samples`;
     `image_paths(sample)` gives a sample's image files; at most `gallery` failures and gallery // 4 successes
     are shown (evenly spread over the data)."""
-    try:
-        import jinja2
-    except ImportError:
-        raise SystemExit("the report page needs Jinja2: pip install jinja2 (it is in requirements.txt)") from None
     wrong = [r for r in scored if not is_right(r)]
     right = [r for r in scored if is_right(r)]
     shown_wrong, shown_right = evenly(wrong, gallery), evenly(right, gallery // 4)
@@ -177,4 +174,3 @@ def write_report(path, report, scored, image_paths, samples, predictions, elemen
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(html)
     os.replace(tmp, path)
-    return {"cards": len(cards), "wrong": len(wrong), "right": len(right)}

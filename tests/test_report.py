@@ -26,7 +26,7 @@ window.addEventListener("load", () => {
                  loaded: Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length,
                  visible: visible.map(card => [card.dataset.id, card.dataset.result]),
                  shown: document.getElementById("shown").textContent,
-                 filters: [document.getElementById("task-filter").value, document.getElementById("result-filter").value],
+                 filters: ["task-filter", "result-filter"].map(id => document.getElementById(id).value),
                  first: {id: visible[0].dataset.id, left: box.left + scrollX, top: box.top + scrollY,
                          width: box.width, height: box.height}};
   const pre = document.createElement("pre");
@@ -96,7 +96,8 @@ def evaluation(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluation")
     data = Path(write_synthetic(str(folder), 28, seed=3))
     samples = [json.loads(line) for line in data.read_text().splitlines()]
-    first = next(s for s in samples if s["id"].endswith("text2bbox") and "green" not in s["conversations"][0]["content"])
+    first = next(s for s in samples
+                 if s["id"].endswith("text2bbox") and "green" not in s["conversations"][0]["content"])
     samples.remove(first)
     samples.insert(0, first)
     for s in samples:
@@ -191,8 +192,8 @@ def test_training_writes_its_curves_with_one_point_per_logged_step(train_data, c
     from finetune.plot import write_plots
     out = tmp_path / "run"
     torchrun(["--data_path", str(train_data / "train.json"), "--eval_data_path", str(train_data / "eval.json"),
-              "--use_lora", "true", "--lora_r", "4", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2",
-              "--save_strategy", "no", "--output_dir", str(out)], ckpt_dir, nproc=1)
+              "--use_lora", "true", "--lora_r", "4", "--max_steps", "4", "--eval_strategy", "steps",
+              "--eval_steps", "2", "--save_strategy", "no", "--output_dir", str(out)], ckpt_dir, nproc=1)
     written = {p.name for p in (out / "plots").iterdir()}
     assert written == {"loss.png", "learning_rate.png", "grad_norm.png", "eval_loss.png"}
     for name in written:
@@ -207,6 +208,10 @@ def test_training_writes_its_curves_with_one_point_per_logged_step(train_data, c
                           {"raw": len(logged), "smoothed": len(logged)}), name
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
     assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]
+    # a run still going has its log in its newest checkpoint only
+    (out / "checkpoint-4").mkdir()
+    (out / "trainer_state.json").rename(out / "checkpoint-4" / "trainer_state.json")
+    assert write_plots(str(out)) == drawn
     run = subprocess.run([sys.executable, "-m", "finetune.plot", str(tmp_path / "nothing")], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode != 0 and "no trainer_state.json in" in run.stderr
