@@ -126,6 +126,7 @@ def test_every_thumbnail_loads_and_the_page_shows_evaluates_counts(chromium, eva
     dom, seen = probe(chromium, evaluation["probed"])
     samples, report = evaluation["samples"], evaluation["json"]
     assert seen["images"] == seen["loaded"] == len(samples)  # every sample has its screenshot, all decoded
+    assert not re.search(r'(src|href)="(?!data:)', evaluation["page"].read_text())  # nothing fetched at view time
     assert len(seen["visible"]) == int(seen["shown"]) == len(samples)
     assert {"text2bbox", "bbox2text", "web-single", "smartphone"} <= set(report)
     for task, r in report.items():  # each task's counts and scores, as evaluate's JSON has them
