@@ -1,4 +1,4 @@
-"""python -m finetune.evaluate --data TEST --predictions preds.jsonl [--elements FILE] [--json OUT]
+"""python -m finetune.evaluate --data TEST --predictions preds.jsonl [--elements FILE] [--json OUT] [--report PAGE.html]
 
 Scores predictions with the GUICourse metrics (finetune.metrics). The task of a sample comes from its `type`
 (GUIAct: web-single, web-multi, smartphone), else from `bbox2text` / `text2bbox` in its id (GUIEnv), else it
@@ -8,6 +8,7 @@ by the GUICourse conversion); without it, clicks are judged by the box rule in f
 """
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -48,24 +49,28 @@ def score_sample(task, prediction, gold, elements=None):
             "action_score": step["action_score"]}
 
 
-def evaluate(samples, predictions, elements=None):
+def evaluate(samples, predictions, elements=None, per_sample=None):
     """Per task: each metric's mean in percent (an unscored sample fails every metric), Cli.Acc = StepSR over
     steps whose gold is a single click (web) or tap (smartphone), and the counts of scored, unparseable,
-    missing and failed predictions."""
+    missing and failed predictions. `per_sample`, a list, receives each sample's scoring (for the report page)."""
     elements = elements or {}
     sums, counts = defaultdict(lambda: defaultdict(float)), defaultdict(lambda: defaultdict(int))
     for sample in samples:
         task, sample_id = task_of(sample), sample.get("id")
         gold = sample["conversations"][-1]["content"].strip()
-        entry, values = predictions.get(sample_id), {}
+        entry, values, status = predictions.get(sample_id), {}, "scored"
         counts[task]["samples"] += 1
         if entry is None or "prediction" not in entry:
-            counts[task]["missing" if entry is None else "failed"] += 1
+            status = "missing" if entry is None else "failed"
+            counts[task][status] += 1
         else:
             try:
                 values = score_sample(task, entry["prediction"].strip(), gold, elements.get(sample_id))
-            except metrics.Unparseable:
+            except metrics.Unparseable as e:
                 counts[task]["unparseable"] += 1
+                status = f"unparseable: {e}"
+        if per_sample is not None:
+            per_sample.append({"sample": sample, "task": task, "values": values, "status": status, "entry": entry})
         for key in METRICS[task]:
             sums[task][key] += values.get(key, 0.0)
         if task in CLICK_STEP and [a[0] for a in metrics.parse_actions(gold)] == CLICK_STEP[task]:
@@ -99,17 +104,26 @@ def main(argv=None):
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--elements")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--report", help="write the report page here (HTML: tables, screenshots with the boxes)")
+    parser.add_argument("--report_gallery", type=int, default=500,
+                        help="the page shows at most this many wrong samples and a quarter as many right ones")
     args = parser.parse_args(argv)
     from .data.records import RecordFile, read_jsonl
     records = RecordFile(args.data)
     samples = [records.record(i) for i in range(len(records))]
     predictions = {p["id"]: p for p in read_jsonl(args.predictions)}
     elements = {e["id"]: e for e in read_jsonl(args.elements)} if args.elements else None
-    report = evaluate(samples, predictions, elements)
+    scored = [] if args.report else None
+    report = evaluate(samples, predictions, elements, per_sample=scored)
     print_table(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if args.report:
+        from .report import write_report
+        write_report(args.report, report, scored, records.image_paths, samples, predictions, elements,
+                     args.report_gallery, sources=(os.path.abspath(args.data), os.path.abspath(args.predictions)))
+        print(f"\nreport page: {args.report}")
     return 0
 
 

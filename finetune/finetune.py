@@ -163,6 +163,9 @@ def main(argv=None, build_model=load_model):
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, training_args.output_dir)
     if training_args.process_index == 0:
+        from .plot import write_plots
+        trainer.save_state()  # the run's log beside the model: trainer_state.json, which finetune.plot reads
+        write_plots(training_args.output_dir)
         print("\n".join(summaries + [f"saved to {training_args.output_dir}"]))
     return trainer
 
