@@ -11,6 +11,7 @@ from PIL import Image
 from finetune import metrics
 from finetune.data.guicourse import ENV_PROMPT
 from finetune.data.screenspot import convert
+from finetune.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,3 +138,55 @@ def test_a_folder_with_no_or_two_releases_is_refused(seeclick_release, tmp_path)
     run = subprocess.run([sys.executable, "-m", "finetune.data", "convert-screenspot", str(raw), str(tmp_path / "o")],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2 and "several releases (screenspot, screenspot-v2)" in run.stderr
+
+
+def spot_sample(i, platform, ui_type, bbox_px, size=(1000, 500)):
+    return {"id": f"s{i}", "conversations": [{"role": "user", "content": "<image>\nq"},
+                                             {"role": "assistant", "content": "<box>(0,0),(1,1)</box>"}],
+            "meta": {"benchmark": "screenspot", "platform": platform, "ui_type": ui_type, "bbox_px": bbox_px,
+                     "image_size": list(size)}}
+
+
+def test_screenspot_accuracy_by_hand_for_boxes_points_edges_and_unparseable_output():
+    gold = [100, 50, 300, 100]  # pixels of a 1000x500 image: (100,100)-(300,200) in 0-1000
+    samples = [spot_sample(0, "mobile", "text", gold), spot_sample(1, "mobile", "text", gold),
+               spot_sample(2, "mobile", "icon", gold), spot_sample(3, "desktop", "text", gold),
+               spot_sample(4, "desktop", "icon", gold), spot_sample(5, "web", "icon", gold),
+               spot_sample(6, "web", "text", gold), spot_sample(7, "web", "text", gold)]
+    predictions = {
+        "s0": "<box>(150,120),(250,180)</box>",  # centre (200,150): inside
+        "s1": "<point>300 200</point>",          # the gold box's corner: edges count
+        "s2": "<box>0 0 100 100</box>",          # centre (50,50): outside
+        "s3": "(200,150)",                       # a bare point
+        "s4": "I cannot find it",                # unparseable: wrong
+        # s5: no prediction: wrong
+        "s6": "<box>(250,100),(350,200)</box>",  # a box across the gold edge whose centre (300,150) lies on it
+        "s7": "<box>(300,100),(400,200)</box>",  # touching the gold box, centre (350,150) outside
+    }
+    report = evaluate(samples, {k: {"prediction": v} for k, v in predictions.items()})["screenspot"]
+    assert report["counts"] == {"samples": 8, "unparseable": 1, "missing": 1}
+    scores = report["scores"]
+    assert list(scores) == ["mobile/text", "mobile/icon", "mobile", "desktop/text", "desktop/icon", "desktop",
+                            "web/text", "web/icon", "web", "text", "icon", "micro", "macro"]
+    assert scores == pytest.approx({"mobile/text": 100, "mobile/icon": 0, "mobile": 200 / 3, "desktop/text": 100,
+                                    "desktop/icon": 0, "desktop": 50, "web/text": 50, "web/icon": 0, "web": 100 / 3,
+                                    "text": 80, "icon": 0, "micro": 50, "macro": 250 / 6})
+    assert report["references"]["SeeClick"]["macro"] == 53.4
+
+
+def test_screenspot_pro_scored_against_the_unrounded_pixel_box_by_group_and_type(pro_release, tmp_path):
+    out = tmp_path / "out"
+    convert(str(pro_release), str(out))
+    predictions = [  # vscode_macos_0: gold x from 781.25; 781 is inside the rounded answer box, outside the real one
+        {"id": "vscode_macos_0", "prediction": "<point>(781,30)</point>"},
+        {"id": "vscode_macos_1", "prediction": "<box>110 2 130 12</box>"},
+        {"id": "origin_windows_0", "prediction": "<point>80 965</point>"}]
+    (tmp_path / "preds.jsonl").write_text("\n".join(json.dumps(p) for p in predictions))
+    run = subprocess.run([sys.executable, "-m", "finetune.evaluate", "--data", str(out / "screenspot_pro.jsonl"),
+                          "--predictions", str(tmp_path / "preds.jsonl"), "--json", str(tmp_path / "r.json")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "r.json").read_text())["screenspot-pro"]
+    assert report["scores"] == pytest.approx({"Dev/text": 100, "Dev/icon": 0, "Dev": 50, "Scientific/icon": 100,
+                                              "Scientific": 100, "text": 100, "icon": 50, "micro": 200 / 3})
+    assert "OS-Atlas-7B" in run.stdout and "arXiv 2504.07981" in run.stdout
