@@ -9,6 +9,7 @@ by the GUICourse conversion); without it, clicks are judged by the box rule in f
 """
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -116,20 +117,44 @@ def print_table(report):
         print(f"\nmean StepSR over GUIAct sets: {sum(step) / len(step):.2f} (paper: MiniCPM-GUI 57.1)")
 
 
+def pairs_by_source(files, prediction_rows):
+    """{data file name: [(sample, its prediction row or None)]}; a row is matched by its `source` file's name and
+    its id (rows written without a source match by id)."""
+    from .data.mixing import source_key
+    from .data.records import RecordFile
+    predictions = {source_key(row): row for row in prediction_rows}
+    out = {}
+    for path in files:
+        name, records = os.path.basename(path), RecordFile(path)
+        samples = [records.record(i) for i in range(len(records))]
+        out[name] = [(s, predictions.get((name, s.get("id", i)), predictions.get(("", s.get("id", i)))))
+                     for i, s in enumerate(samples)]
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, help="the data file(s) predicted, several separated by commas")
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--elements")
-    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--json", help="write the report here (with several data files, also each one's under "
+                                       "\"by_source\")")
     args = parser.parse_args(argv)
-    from .data.records import RecordFile, read_jsonl
-    records = RecordFile(args.data)
-    samples = [records.record(i) for i in range(len(records))]
-    predictions = {p["id"]: p for p in read_jsonl(args.predictions)}
+    from .data.mixing import data_files
+    from .data.records import read_jsonl
+    try:
+        files = data_files(args.data)
+    except ValueError as e:
+        parser.error(str(e))
+    by_source = pairs_by_source(files, read_jsonl(args.predictions))
     elements = {e["id"]: e for e in read_jsonl(args.elements)} if args.elements else None
-    report = evaluate(samples, predictions, elements)
+    report = score([pair for pairs in by_source.values() for pair in pairs], elements)
     print_table(report)
+    if len(by_source) > 1:
+        report["by_source"] = {name: score(pairs, elements) for name, pairs in by_source.items()}
+        for name, source_report in report["by_source"].items():
+            print(f"\n=== {name}")
+            print_table(source_report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

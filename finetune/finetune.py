@@ -27,6 +27,7 @@ from .checkpoint import latest_complete_checkpoint, register_model_files, save_f
 from .data.collator import collate
 from .data.conversation import ImageSettings
 from .data.dataset import ConversationDataset, ScanOptions, scan
+from .data.mixing import apply_weights, parse_sources
 from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
 from .trainer import CudaGraphRecording, MiniCPMVTrainer
 
@@ -123,8 +124,10 @@ def main(argv=None, build_model=load_model):
     summaries, datasets = [], {}
     for split, paths in (("train", data_args.data_path), ("eval", data_args.eval_data_path)):
         if paths:
-            result = main_process_scan(paths.split(","), tokenizer, settings, options, training_args)
+            sources = parse_sources(paths)
+            result = main_process_scan([s.path for s in sources], tokenizer, settings, options, training_args)
             summaries.append(report_scan(result, split, data_args.on_bad_sample, data_args.model_max_length))
+            apply_weights(result, sources, training_args.seed, split)
             datasets[split] = ConversationDataset(result, tokenizer, settings, options)
     if len(datasets["train"]) == 0:
         raise SystemExit("no training samples left after the data check")

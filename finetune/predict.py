@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .data.collator import HOST_KEYS, collate
 from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
+from .data.mixing import data_files, source_key
 from .data.records import RecordFile, read_jsonl
 from .model import default_dtype, load_any
 from replace_file.modeling_minicpmv import decode_answer
@@ -55,26 +56,28 @@ def generate_answers(model, tokenizer, examples, **generate_kwargs):
 
 
 def predict(model, tokenizer, data_path, output_path, batch_size=8, progress=True, **generate_kwargs):
-    """Predictions for every sample of data_path not yet in output_path; returns how many were written."""
+    """Predictions for every sample of the data files (`a.jsonl,b.jsonl`) not yet in output_path; returns how many
+    were written. Each row names its data file (`source`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     settings = ImageSettings.from_config(base.config)
-    records = RecordFile(data_path)
-    done = {row["id"] for row in read_jsonl(output_path)} if os.path.exists(output_path) else set()
+    done = {source_key(row) for row in read_jsonl(output_path)} if os.path.exists(output_path) else set()
     todo = []
-    for i in range(len(records)):
-        try:
-            record = records.record(i)
-        except ValueError as e:
-            record = {"id": f"line{records.line_numbers[i]}", "_error": str(e)}
-        if record.get("id", i) not in done:
-            todo.append((i, record))
+    for source in data_files(data_path):
+        records = RecordFile(source)
+        for i in range(len(records)):
+            try:
+                record = records.record(i)
+            except ValueError as e:
+                record = {"id": f"line{records.line_numbers[i]}", "_error": str(e)}
+            if not done & {(os.path.basename(source), record.get("id", i)), ("", record.get("id", i))}:
+                todo.append((records, source, i, record))
     written = 0
     with open(output_path, "a", encoding="utf-8") as out, \
             tqdm(total=len(todo), unit="sample", desc="predicting", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             rows, ready = [], []
-            for i, record in todo[start:start + batch_size]:
-                row = {"id": record.get("id", i), "type": record.get("type")}
+            for records, source, i, record in todo[start:start + batch_size]:
+                row = {"id": record.get("id", i), "type": record.get("type"), "source": source}
                 turns = record.get("conversations") or []
                 if turns and turns[-1].get("role") == "assistant":
                     row["answer"] = turns[-1].get("content")

@@ -11,7 +11,9 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="validate data files and print token statistics")
-    check.add_argument("data", nargs="+", help="JSON or JSONL files in the conversation format")
+    check.add_argument("data", nargs="+", help="JSON or JSONL files in the conversation format, each with an optional "
+                                               "weight as training takes them (a.jsonl:0.3 b.jsonl:2, or a.jsonl:0.3,"
+                                               "b.jsonl:2): the fraction of the file used per epoch")
     check.add_argument("--model", help="model folder (tokenizer and slice settings); default: the released "
                                        "MiniCPM-Llama3-V 2.5 settings with the Llama-3 tokenizer")
     check.add_argument("--model_max_length", type=int, default=2048)
