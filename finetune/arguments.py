@@ -37,6 +37,10 @@ class DataArguments:
     padding_free: bool = field(default=False, metadata={
         "help": "concatenate each batch's samples in one row instead of padding them to the longest (each attends "
                 "only to itself; on GPUs through flash attention's variable-length kernel): no compute on padding"})
+    eval_generate_samples: int = field(default=None, metadata={
+        "help": "at every evaluation, greedily decode this many eval samples and log their task metrics (GUICourse, "
+                "ScreenSpot) beside the eval loss as eval_gen_*; default 32 when the run evaluates (none under "
+                "ZeRO-3), 0: off"})
 
 
 @dataclass

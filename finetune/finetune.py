@@ -28,6 +28,7 @@ from .data.collator import collate
 from .data.conversation import ImageSettings
 from .data.dataset import ConversationDataset, ScanOptions, scan
 from .data.mixing import apply_weights, parse_sources
+from .generation_eval import GenerationMetrics, generation_samples
 from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
 from .trainer import CudaGraphRecording, MiniCPMVTrainer
 
@@ -115,6 +116,7 @@ def main(argv=None, build_model=load_model):
     model_args, data_args, tune_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    generate_samples = generation_samples(data_args, training_args)
     path = model_args.model_name_or_path
     tokenizer, config = load_tokenizer(path), read_config(path)
     settings = ImageSettings.from_config(config, data_args.max_slice_nums)
@@ -164,6 +166,8 @@ def main(argv=None, build_model=load_model):
                                                     padding_free=data_args.padding_free))
     if tune_args.cuda_graphs and training_args.per_device_train_batch_size == 1:  # larger batches: shapes vary
         trainer.add_callback(CudaGraphRecording(trainer, data_args.pad_to_multiple_of))
+    if generate_samples:
+        trainer.add_callback(GenerationMetrics(trainer, generate_samples))
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "auto", "latest"):
         resume = latest_complete_checkpoint(training_args.output_dir)
