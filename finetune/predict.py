@@ -30,7 +30,7 @@ from .data.records import RecordFile, open_image, read_jsonl
 from .model import default_dtype, load_any
 
 logger = logging.getLogger(__name__)
-BATCH_SIZE = 64  # halved automatically where it does not fit
+BATCH_SIZE = 128  # halved automatically where it does not fit
 
 
 def prompt_example(record, index, records, tokenizer, settings):
