@@ -148,10 +148,12 @@ def default_workers(device):
     return max(1, min(8, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
 
 
-def predict_rows(model, tokenizer, items, batch_size=BATCH_SIZE, num_workers=None, **generate_kwargs):
-    """Prediction rows for (records, source, index, record) items, yielded a batch at a time, longest prompt first."""
+def predict_rows(model, tokenizer, items, batch_size=BATCH_SIZE, num_workers=None, max_slice_nums=None,
+                 **generate_kwargs):
+    """Prediction rows for (records, source, index, record) items, yielded a batch at a time, longest prompt first;
+    images sliced as the model's config says, or into at most `max_slice_nums` slices."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    settings = ImageSettings.from_config(base.config)
+    settings = ImageSettings.from_config(base.config, max_slice_nums)
     items = sorted(items, key=lambda item: -prompt_length(item, settings))
     workers = default_workers(base.device) if num_workers is None else num_workers
     if workers:
@@ -171,7 +173,7 @@ def predict_rows(model, tokenizer, items, batch_size=BATCH_SIZE, num_workers=Non
 
 
 def predict(model, tokenizer, data_path, output_path, batch_size=BATCH_SIZE, progress=True, num_workers=None,
-            **generate_kwargs):
+            max_slice_nums=None, **generate_kwargs):
     """Predictions for every sample of the data files (`a.jsonl,b.jsonl`) not yet in output_path; returns how many
     were written."""
     done = {source_key(row) for row in read_jsonl(output_path)} if os.path.exists(output_path) else set()
@@ -179,7 +181,7 @@ def predict(model, tokenizer, data_path, output_path, batch_size=BATCH_SIZE, pro
     written = 0
     with open(output_path, "a", encoding="utf-8") as out, \
             tqdm(total=len(items), unit="sample", desc="predicting", disable=not progress) as bar:
-        for rows in predict_rows(model, tokenizer, items, batch_size, num_workers, **generate_kwargs):
+        for rows in predict_rows(model, tokenizer, items, batch_size, num_workers, max_slice_nums, **generate_kwargs):
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
@@ -199,6 +201,8 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, help="processes that read and slice images (default on a GPU: "
                                                          "the CPU cores less one, at most 8; on the CPU: 0, the main "
                                                          "process)")
+    parser.add_argument("--max_slice_nums", type=int, help="slice images into at most this many parts instead of the "
+                                                            "model's slice_config (e.g. more for 4K screenshots)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--do_sample", action="store_true")
@@ -219,7 +223,7 @@ def main(argv=None):
     if args.do_sample:
         generate_kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     written = predict(model, tokenizer, args.data, args.output, args.batch_size, num_workers=args.num_workers,
-                      **generate_kwargs)
+                      max_slice_nums=args.max_slice_nums, **generate_kwargs)
     print(f"wrote {written} predictions to {args.output}")
     return 0
 

@@ -31,6 +31,11 @@ def test_default_predictions_are_the_one_by_one_answers(model, tokenizer, sample
     plain, fast = rows_of(tmp_path / "plain.jsonl"), rows_of(tmp_path / "fast.jsonl")
     assert {k: r["prediction"] for k, r in fast.items()} == {k: r["prediction"] for k, r in plain.items()}
     assert len(fast) == 6 and all(r["source"] == str(data) for r in fast.values())
+    # --max_slice_nums 1: the 1920x1080 page is one unit instead of nine, so its prompt and answer change
+    predict(model, tokenizer, str(data), str(tmp_path / "one_slice.jsonl"), progress=False, max_slice_nums=1,
+            max_new_tokens=8)
+    one_slice = rows_of(tmp_path / "one_slice.jsonl")
+    assert one_slice["guienv_bbox2text"]["prediction"] != fast["guienv_bbox2text"]["prediction"]
     # which the batch would change if its images went through the vision tower together: the tower attends to
     # the padding of the strips it is given, so a sample's prompt would depend on its batch mates
     alone = collate([encode("guienv_bbox2text")])
