@@ -1,11 +1,13 @@
-"""python -m finetune.evaluate --data TEST --predictions preds.jsonl [--elements FILE] [--json OUT]
+"""python -m finetune.evaluate --data TEST[,MORE] --predictions preds.jsonl [--elements FILE] [--json OUT]
 
 Scores predictions as each benchmark does. The task of a sample comes from its `meta.benchmark` (ScreenSpot,
 ScreenSpot-v2, ScreenSpot-Pro from `python -m finetune.data convert-screenspot`: finetune.screenspot_metrics), else
 its `type` (GUIAct: web-single, web-multi, smartphone), else `bbox2text` / `text2bbox` in its id (GUIEnv), else it
-is free text (EM, F1); GUICourse tasks use finetune.metrics. The gold answer is the sample's last assistant turn. `--elements` is a JSONL of
-{"id", "image_size": [w, h], "elements": [{"id", "box": [x1, y1, x2, y2] pixels}]} per GUIAct sample (written
-by the GUICourse conversion); without it, clicks are judged by the box rule in finetune.metrics._box_hit.
+is free text (EM, F1); GUICourse tasks use finetune.metrics. The gold answer is the sample's last assistant turn.
+With several data files, predictions are matched by their `source` file's name and id, and the report repeats per
+file. `--elements` is a JSONL of {"id", "image_size": [w, h], "elements": [{"id", "box": [x1, y1, x2, y2] pixels}]}
+per GUIAct sample (written by the GUICourse conversion); without it, clicks are judged by the box rule in
+finetune.metrics._box_hit.
 """
 import argparse
 import json
