@@ -40,7 +40,7 @@ def entries_of(counts):
 def test_weights_give_the_stated_counts_with_the_fraction_drawn_from_the_seed():
     sources = parse_sources("a.jsonl:0.3,b.jsonl:2.5,c.jsonl,d.jsonl:0")
     entries = entries_of([10, 4, 3, 5])
-    assert [(s.path, valid, n) for s, valid, n in source_counts(entries, sources)] == [
+    assert [(r["file"], r["usable"], r["per_epoch"]) for r in source_counts(entries, sources)] == [
         ("a.jsonl", 10, 3), ("b.jsonl", 4, 10), ("c.jsonl", 3, 3), ("d.jsonl", 5, 0)]
     mixed = mix(entries, sources, seed=42)
     per_file = [mixed["index"][mixed["file"] == f] for f in range(4)]

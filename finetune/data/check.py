@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .mixing import DataSource, describe, parse_sources, source_counts
+from .mixing import describe, parse_sources, source_counts
 
 CANDIDATE_LENGTHS = (1024, 2048, 3072, 4096, 6144, 8192)
 
@@ -36,8 +36,7 @@ def summarise(result, model_max_length, seconds, sources=None):
         "tokens": {"total": percentiles(total), "image": percentiles(stats[:, 1]), "supervised": percentiles(stats[:, 2])},
         "percent_over_length": over,
         "recommended_model_max_length": fitting[0] if fitting else None,
-        "sources": [{"file": s.path, "weight": s.weight, "usable": valid, "per_epoch": count}
-                    for s, valid, count in source_counts(result.entries, sources or [])],
+        "sources": source_counts(result.entries, sources or []),
     }
 
 
@@ -47,8 +46,7 @@ def print_report(summary):
           f"{s['bad']} bad, {s['over_model_max_length']} over model_max_length {s['model_max_length']}"
           + (f", {s['truncated']} truncated at a turn boundary" if s["truncated"] else ""))
     if len(s["sources"]) > 1 or any(src["weight"] != 1 for src in s["sources"]):
-        print("\n" + describe([(DataSource(src["file"], src["weight"]), src["usable"], src["per_epoch"])
-                                for src in s["sources"]], "samples"))
+        print("\n" + describe(s["sources"], "samples"))
     if s["problems"]:
         print("\nproblems:")
         for kind, items in sorted(s["problems"].items()):

@@ -47,30 +47,32 @@ def per_epoch(valid, weight):
 
 
 def source_counts(entries, sources):
-    """[(source, usable samples, samples per epoch)] for the scan's entries (their `file` indexes sources)."""
+    """[{"file", "weight", "usable", "per_epoch"}] per source, for the scan's entries (their `file` indexes sources)."""
     valid = np.bincount(entries["file"], minlength=len(sources)) if len(entries) else np.zeros(len(sources), int)
-    return [(s, int(n), per_epoch(int(n), s.weight)) for s, n in zip(sources, valid)]
+    return [{"file": s.path, "weight": s.weight, "usable": int(n), "per_epoch": per_epoch(int(n), s.weight)}
+            for s, n in zip(sources, valid)]
 
 
 def mix(entries, sources, seed):
     """The scan's entries -> one epoch's: each file's repeated whole times, plus the fraction drawn from the seed
     (each file from its own stream, so one file's weight never changes which samples another file contributes)."""
     parts = []
-    for f, (source, valid, count) in enumerate(source_counts(entries, sources)):
+    for f, counts in enumerate(source_counts(entries, sources)):
         indices = np.flatnonzero(entries["file"] == f)
-        whole, rest = divmod(count, valid) if valid else (0, 0)
+        whole, rest = divmod(counts["per_epoch"], counts["usable"]) if counts["usable"] else (0, 0)
         drawn = np.random.default_rng([seed, f]).choice(indices, rest, replace=False) if rest else indices[:0]
         parts += [indices] * whole + [np.sort(drawn)]
     return entries[np.concatenate(parts)] if parts else entries
 
 
 def describe(rows, name="data"):
-    """The per-source table that the check and the training log print."""
-    width = max([len(os.path.basename(s.path)) for s, _, _ in rows] + [5])
+    """The table of `source_counts` rows that the check and the training log print."""
+    width = max([len(os.path.basename(r["file"])) for r in rows] + [5])
     lines = [f"{name} per epoch (usable samples x weight):"]
-    for source, valid, count in rows:
-        lines.append(f"  {os.path.basename(source.path):{width}}  {valid:>9} x {source.weight:<6g} = {count:>9}")
-    lines.append(f"  {'total':{width}}  {sum(v for _, v, _ in rows):>9}{'':12}{sum(c for _, _, c in rows):>9}")
+    for r in rows:
+        lines.append(f"  {os.path.basename(r['file']):{width}}  {r['usable']:>9} x {r['weight']:<6g} = {r['per_epoch']:>9}")
+    total = sum(r["usable"] for r in rows), sum(r["per_epoch"] for r in rows)
+    lines.append(f"  {'total':{width}}  {total[0]:>9}{'':12}{total[1]:>9}")
     return "\n".join(lines)
 
 
