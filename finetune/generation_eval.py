@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .evaluate import score
+from .screenspot_metrics import BENCHMARKS
 from .predict import predict_rows
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,15 @@ class GenerationMetrics(TrainerCallback):
         self.items = [(dataset.files[f], dataset.files[f].path, int(i), dataset.files[f].record(int(i)))
                       for f, i in chosen.tolist()]
         tokenizer = trainer.processing_class
-        longest = max(len(tokenizer(record["conversations"][-1]["content"], add_special_tokens=False).input_ids)
-                      for *_, record in self.items)
+        longest = max((len(tokenizer(record["conversations"][-1]["content"], add_special_tokens=False).input_ids)
+                       for *_, record in self.items), default=0)
         self.max_new_tokens = longest + EXTRA_TOKENS
         logger.info("generation metrics: %d eval samples decoded at each evaluation (at most %d new tokens)",
                     len(self.items), self.max_new_tokens)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if not self.items:  # no usable eval sample
+            return
         start = time.perf_counter()
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         mine = self.items[rank::world]
@@ -98,6 +101,6 @@ def flatten(report):
     the accuracy over all samples (micro) and, where defined, the mean of the platform x type cells (macro)."""
     out = {}
     for task, r in sorted(report.items()):
-        keys = [k for k in ("micro", "macro") if k in r["scores"]] if "references" in r else list(r["scores"])
+        keys = [k for k in ("micro", "macro") if k in r["scores"]] if task in BENCHMARKS else list(r["scores"])
         out.update({f"eval_gen_{task}_{key}": round(r["scores"][key], 2) for key in keys})
     return out
