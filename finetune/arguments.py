@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from .plan import DEFAULT_GLOBAL_BATCH, given_flags
+from .data.mixing import parse_sources
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
@@ -21,8 +22,10 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(default=None, metadata={"help": "training data: JSON/JSONL, several separated by commas"})
-    eval_data_path: str = field(default=None, metadata={"help": "evaluation data (loss only)"})
+    data_path: str = field(default=None, metadata={"help": "training data: JSON/JSONL, several separated by commas, "
+                                                           "each with an optional weight (a.jsonl:0.3,b.jsonl:2): the "
+                                                           "fraction of the file used per epoch"})
+    eval_data_path: str = field(default=None, metadata={"help": "evaluation data (as --data_path)"})
     model_max_length: int = field(default=2048, metadata={"help": "longer samples are skipped (or truncated)"})
     max_slice_nums: int = field(default=None, metadata={"help": "override the model's slice_config.max_slice_nums"})
     overlong: str = field(default="skip", metadata={"help": "skip | truncate (at a turn boundary, keeping an answer)"})
@@ -38,6 +41,10 @@ class DataArguments:
         "help": "concatenate each batch's samples in one row instead of padding them to the longest (each attends "
                 "only to itself; on GPUs through flash attention's variable-length kernel): no compute on padding "
                 "(default: the plan's: on GPUs with bf16)"})
+    eval_generate_samples: int = field(default=None, metadata={
+        "help": "at every evaluation, greedily decode this many eval samples and log their task metrics (GUICourse, "
+                "ScreenSpot) beside the eval loss as eval_gen_*; default 32 when the run evaluates (none under "
+                "ZeRO-3), 0: off"})
 
 
 @dataclass
@@ -170,6 +177,10 @@ def check(model_args, data_args, tune_args, training_args, given):
                          "parameters cannot require gradients after 4-bit preparation); use --use_lora")
     if not model_args.model_name_or_path or not data_args.data_path:
         raise SystemExit("--model_name_or_path and --data_path are required")
+    try:  # data file weights, checked before anything loads
+        [parse_sources(p) for p in (data_args.data_path, data_args.eval_data_path) if p]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if tune_args.checkpointing_modules not in (None, "all", "vision", "llm", "resampler", "none"):
         raise SystemExit("--checkpointing_modules takes all|vision|llm|resampler|none")
     for flag, value in (("--checkpointing_every_n_layers", tune_args.checkpointing_every_n_layers),

@@ -1,10 +1,13 @@
-"""python -m finetune.evaluate --data TEST --predictions preds.jsonl [--elements FILE] [--json OUT] [--report PAGE.html]
+"""python -m finetune.evaluate --data TEST[,MORE] --predictions preds.jsonl [--elements FILE] [--json OUT] [--report PAGE.html]
 
-Scores predictions with the GUICourse metrics (finetune.metrics). The task of a sample comes from its `type`
-(GUIAct: web-single, web-multi, smartphone), else from `bbox2text` / `text2bbox` in its id (GUIEnv), else it
-is free text (EM, F1). The gold answer is the sample's last assistant turn. `--elements` is a JSONL of
-{"id", "image_size": [w, h], "elements": [{"id", "box": [x1, y1, x2, y2] pixels}]} per GUIAct sample (written
-by the GUICourse conversion); without it, clicks are judged by the box rule in finetune.metrics._box_hit.
+Scores predictions as each benchmark does. The task of a sample comes from its `meta.benchmark` (ScreenSpot,
+ScreenSpot-v2, ScreenSpot-Pro from `python -m finetune.data convert-screenspot`: finetune.screenspot_metrics), else
+its `type` (GUIAct: web-single, web-multi, smartphone), else `bbox2text` / `text2bbox` in its id (GUIEnv), else it
+is free text (EM, F1); GUICourse tasks use finetune.metrics. The gold answer is the sample's last assistant turn.
+With several data files, predictions are matched by their `source` file's name and id, and the report repeats per
+file. `--elements` is a JSONL of {"id", "image_size": [w, h], "elements": [{"id", "box": [x1, y1, x2, y2] pixels}]}
+per GUIAct sample (written by the GUICourse conversion); without it, clicks are judged by the box rule in
+finetune.metrics._box_hit.
 """
 import argparse
 import json
@@ -12,7 +15,7 @@ import os
 import sys
 from collections import defaultdict
 
-from . import metrics
+from . import metrics, screenspot_metrics
 
 # The paper's final MiniCPM-GUI (Table 3, GUIAct; Table 6 last row, GUIEnv), in percent.
 PAPER = {"web-single": {"type_em": 91.8, "click_acc": 74.9, "step_sr": 70.6},
@@ -24,6 +27,9 @@ CLICK_STEP = {"web-single": ["click"], "web-multi": ["click"], "smartphone": ["t
 
 
 def task_of(sample):
+    benchmark = (sample.get("meta") or {}).get("benchmark")
+    if benchmark in screenspot_metrics.BENCHMARKS:
+        return benchmark
     if sample.get("type") in CLICK_STEP:
         return sample["type"]
     sample_id = str(sample.get("id", ""))
@@ -37,8 +43,10 @@ METRICS = {"bbox2text": ("em", "f1"), "text": ("em", "f1"), "text2bbox": ("iou@0
            **{t: ("type_em", "step_sr", "action_score") for t in CLICK_STEP}}
 
 
-def score_sample(task, prediction, gold, elements=None):
+def score_sample(task, prediction, gold, elements=None, meta=None):
     """Metric values of one sample, in [0, 1]; raises metrics.Unparseable."""
+    if task in screenspot_metrics.BENCHMARKS:
+        return {"hit": screenspot_metrics.hit(prediction, gold, meta)}
     if task in ("bbox2text", "text"):
         return {"em": float(prediction == gold), "f1": metrics.f1(prediction, gold)}
     if task == "text2bbox":
@@ -50,27 +58,38 @@ def score_sample(task, prediction, gold, elements=None):
 
 
 def evaluate(samples, predictions, elements=None, per_sample=None):
-    """Per task: each metric's mean in percent (an unscored sample fails every metric), Cli.Acc = StepSR over
-    steps whose gold is a single click (web) or tap (smartphone), and the counts of scored, unparseable,
-    missing and failed predictions. `per_sample`, a list, receives each sample's scoring (for the report page)."""
+    """`score` of the samples with their predictions ({id: prediction row})."""
+    return score([(sample, predictions.get(sample.get("id"))) for sample in samples], elements, per_sample)
+
+
+def score(pairs, elements=None, per_sample=None):
+    """(sample, prediction row or None) pairs -> per task: each metric's mean in percent (an unscored sample fails
+    every metric), Cli.Acc = StepSR over steps whose gold is a single click (web) or tap (smartphone), the ScreenSpot
+    breakdowns (finetune.screenspot_metrics), and the counts of scored, unparseable, missing and failed predictions.
+    `per_sample`, a list, receives each sample's scoring (for the report page)."""
     elements = elements or {}
     sums, counts = defaultdict(lambda: defaultdict(float)), defaultdict(lambda: defaultdict(int))
-    for sample in samples:
+    grounding = defaultdict(list)  # ScreenSpot benchmark -> (meta, hit) per sample
+    for sample, entry in pairs:
         task, sample_id = task_of(sample), sample.get("id")
         gold = sample["conversations"][-1]["content"].strip()
-        entry, values, status = predictions.get(sample_id), {}, "scored"
+        values, status = {}, "scored"
         counts[task]["samples"] += 1
         if entry is None or "prediction" not in entry:
             status = "missing" if entry is None else "failed"
             counts[task][status] += 1
         else:
             try:
-                values = score_sample(task, entry["prediction"].strip(), gold, elements.get(sample_id))
+                values = score_sample(task, entry["prediction"].strip(), gold, elements.get(sample_id),
+                                      sample.get("meta"))
             except metrics.Unparseable as e:
                 counts[task]["unparseable"] += 1
                 status = f"unparseable: {e}"
         if per_sample is not None:
             per_sample.append({"sample": sample, "task": task, "values": values, "status": status, "entry": entry})
+        if task in screenspot_metrics.BENCHMARKS:
+            grounding[task].append((sample["meta"], values.get("hit", 0.0)))
+            continue
         for key in METRICS[task]:
             sums[task][key] += values.get(key, 0.0)
         if task in CLICK_STEP and [a[0] for a in metrics.parse_actions(gold)] == CLICK_STEP[task]:
@@ -81,6 +100,8 @@ def evaluate(samples, predictions, elements=None, per_sample=None):
         c = counts[task]
         scores = {k: 100 * v / (c["click_steps"] if k == "click_acc" else c["samples"]) for k, v in task_sums.items()}
         report[task] = {"scores": scores, "counts": dict(c), "paper": PAPER.get(task)}
+    for benchmark, rows in grounding.items():
+        report[benchmark] = dict(screenspot_metrics.summarise(benchmark, rows), counts=dict(counts[benchmark]))
     return report
 
 
@@ -89,40 +110,72 @@ def print_table(report):
         c = r["counts"]
         print(f"\n{task}: {c['samples']} samples, {c.get('unparseable', 0)} unparseable, "
               f"{c.get('missing', 0)} without prediction, {c.get('failed', 0)} failed to predict")
-        print(f"  {'metric':14}{'ours':>8}{'paper':>8}")
+        columns = r.get("references") or {"paper": r.get("paper") or {}}  # GUICourse: the paper's MiniCPM-GUI
+        width = max([14] + [len(k) + 2 for k in r["scores"]])
+        widths = {name: max(8, len(name) + 2) for name in columns}
+        print(f"  {'metric':{width}}{'ours':>8}" + "".join(f"{name:>{widths[name]}}" for name in columns))
         for key, value in r["scores"].items():
-            paper = (r["paper"] or {}).get(key)
-            print(f"  {key:14}{value:8.2f}{'' if paper is None else f'{paper:8.2f}':>8}")
+            cells = "".join(f"{'' if (v := columns[n].get(key)) is None else f'{v:.2f}':>{widths[n]}}" for n in columns)
+            print(f"  {key:{width}}{value:8.2f}{cells}".rstrip())
+        if r.get("source"):
+            print(f"  references: {r['source']}")
     step = [r["scores"]["step_sr"] for t, r in report.items() if t in CLICK_STEP]
     if step:
         print(f"\nmean StepSR over GUIAct sets: {sum(step) / len(step):.2f} (paper: MiniCPM-GUI 57.1)")
 
 
+def pairs_by_source(files, prediction_rows):
+    """{data file name: [(sample, its prediction row or None)]}; a row is matched by its `source` file's name and
+    its id (rows written without a source match by id)."""
+    from .data.mixing import source_key
+    from .data.records import RecordFile
+    predictions = {source_key(row): row for row in prediction_rows}
+    out = {}
+    for path in files:
+        name, records = os.path.basename(path), RecordFile(path)
+        samples = [records.record(i) for i in range(len(records))]
+        out[name] = [(s, predictions.get((name, s.get("id", i)), predictions.get(("", s.get("id", i)))))
+                     for i, s in enumerate(samples)]
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, help="the data file(s) predicted, several separated by commas")
     parser.add_argument("--predictions", required=True)
     parser.add_argument("--elements")
-    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--json", help="write the report here (with several data files, also each one's under "
+                                       "\"by_source\")")
     parser.add_argument("--report", help="write the report page here (HTML: tables, screenshots with the boxes)")
     parser.add_argument("--report_gallery", type=int, default=500,
                         help="the page shows at most this many wrong samples and a quarter as many right ones")
     args = parser.parse_args(argv)
-    from .data.records import RecordFile, read_jsonl
-    records = RecordFile(args.data)
-    samples = [records.record(i) for i in range(len(records))]
-    predictions = {p["id"]: p for p in read_jsonl(args.predictions)}
+    from .data.mixing import data_files
+    from .data.records import read_jsonl
+    try:
+        files = data_files(args.data)
+    except ValueError as e:
+        parser.error(str(e))
+    by_source = pairs_by_source(files, read_jsonl(args.predictions))
     elements = {e["id"]: e for e in read_jsonl(args.elements)} if args.elements else None
     scored = [] if args.report else None
-    report = evaluate(samples, predictions, elements, per_sample=scored)
+    report = score([pair for pairs in by_source.values() for pair in pairs], elements, per_sample=scored)
     print_table(report)
+    if len(by_source) > 1:
+        report["by_source"] = {name: score(pairs, elements) for name, pairs in by_source.items()}
+        for name, source_report in report["by_source"].items():
+            print(f"\n=== {name}")
+            print_table(source_report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     if args.report:
         from .report import write_report
-        write_report(args.report, report, scored, records.image_paths, samples, predictions, elements,
-                     args.report_gallery, sources=(os.path.abspath(args.data), os.path.abspath(args.predictions)))
+        from .data.records import RecordFile
+        owner = {id(sample): records for records, pairs in zip(map(RecordFile, files), by_source.values())
+                 for sample, _ in pairs}
+        write_report(args.report, report, scored, lambda sample: owner[id(sample)].image_paths(sample), elements,
+                     args.report_gallery, sources=[os.path.abspath(f) for f in files] + [os.path.abspath(args.predictions)])
         print(f"\nreport page: {args.report}")
     return 0
 

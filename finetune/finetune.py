@@ -32,8 +32,10 @@ from .cuda_graphs import CudaGraphRecording  # noqa: E402
 from .data.collator import collate  # noqa: E402
 from .data.conversation import ImageSettings  # noqa: E402
 from .data.dataset import ConversationDataset, ScanOptions, scan  # noqa: E402
+from .data.mixing import apply_weights, parse_sources  # noqa: E402
 from .data.records import RecordFile  # noqa: E402
 from .execution import apply_recompute, compile_blocks, upcast_trainable  # noqa: E402
+from .generation_eval import GenerationMetrics, generation_samples  # noqa: E402
 from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary  # noqa: E402
 from .plan import GIB, Hardware, ParameterCounts, Workload, deepspeed_config_for, fixed_from_args, make_plan, \
     parse_gib  # noqa: E402
@@ -114,8 +116,10 @@ def main(argv=None, build_model=load_model):
     summaries, datasets = [], {}
     for split, paths in (("train", data_args.data_path), ("eval", data_args.eval_data_path)):
         if paths:
-            result = main_process_scan(paths.split(","), tokenizer, settings, options, training_args)
+            sources = parse_sources(paths)
+            result = main_process_scan([s.path for s in sources], tokenizer, settings, options, training_args)
             summaries.append(report_scan(result, split, data_args.on_bad_sample, data_args.model_max_length))
+            apply_weights(result, sources, training_args.seed, split)
             datasets[split] = ConversationDataset(result, tokenizer, settings, options)
     if len(datasets["train"]) == 0:
         raise SystemExit("no training samples left after the data check")
@@ -124,6 +128,7 @@ def main(argv=None, build_model=load_model):
     hold_to_budget(tune_args)
     training_args = distributed.apply_plan(training_args, plan, deepspeed, plan.compile_blocks)
     data_args.padding_free, data_args.pad_to_multiple_of = plan.padding_free, plan.pad_to_multiple_of
+    generate_samples = generation_samples(data_args, training_args)  # knows ZeRO-3 now
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     set_seed(training_args.seed)  # the new LoRA weights are drawn before the Trainer would seed
@@ -154,6 +159,8 @@ def main(argv=None, build_model=load_model):
     trainer.add_callback(MemoryReport(plan.predicted_peak_gib))
     if plan.cuda_graphs and plan.micro_batch_size == 1:  # larger batches: shapes vary
         trainer.add_callback(CudaGraphRecording(trainer, plan.pad_to_multiple_of))
+    if generate_samples:
+        trainer.add_callback(GenerationMetrics(trainer, generate_samples))
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "auto", "latest"):
         resume = latest_complete_checkpoint(training_args.output_dir)

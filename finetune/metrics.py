@@ -11,6 +11,7 @@ import string
 BOX_RE = re.compile(r"<box>(.*?)</box>", re.S)
 POINT_RE = re.compile(r"<point>(.*?)</point>", re.S)
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+BARE_PAIR_RE = re.compile(r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)")
 ACTIONS = ("click", "hover", "input", "enter", "scroll", "select_text", "copy", "answer", "select", "tap", "swipe")
 TAP_THRESHOLD = 0.14  # normalised distance (AITW's)
 
@@ -111,9 +112,29 @@ def _box_hit(pred_box, gold_box, elements, image_size):
     predicted box's centre inside the gold box."""
     if elements:
         return snap_to_element(pred_box, elements, image_size) == snap_to_element(gold_box, elements, image_size)
-    cx, cy = (pred_box[0] + pred_box[2]) / 2, (pred_box[1] + pred_box[3]) / 2
-    return min(gold_box[0], gold_box[2]) <= cx <= max(gold_box[0], gold_box[2]) and \
-        min(gold_box[1], gold_box[3]) <= cy <= max(gold_box[1], gold_box[3])
+    return point_in_box(box_centre(pred_box), gold_box)
+
+
+def box_centre(box):
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def point_in_box(point, box):
+    """The grounding benchmarks' hit rule: inside the box or on its edge (corner order not assumed)."""
+    return min(box[0], box[2]) <= point[0] <= max(box[0], box[2]) and min(box[1], box[3]) <= point[1] <= max(box[1], box[3])
+
+
+def click_point(text):
+    """Where a grounding answer clicks: its first <point>, else the centre of its first <box> (either style), else
+    a bare `(x,y)`; a bare `(x1,y1),(x2,y2)` is a box. Raises Unparseable."""
+    if BOX_RE.search(text) or POINT_RE.search(text):
+        return _target_point(text)
+    pairs = BARE_PAIR_RE.findall(text)
+    if len(pairs) == 1:
+        return tuple(float(v) for v in pairs[0])
+    if len(pairs) == 2:
+        return box_centre([float(v) for pair in pairs for v in pair])
+    raise Unparseable(f"no <point>, <box> or (x,y) in {text!r:.200}")
 
 
 def _direction(dx, dy):
@@ -180,7 +201,7 @@ def _target_point(text):
     if points:
         return points[0]
     if boxes:
-        return (boxes[0][0] + boxes[0][2]) / 2, (boxes[0][1] + boxes[0][3]) / 2
+        return box_centre(boxes[0])
     raise Unparseable(f"no <point> or <box> in the predicted action: {text!r}")
 
 

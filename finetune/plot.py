@@ -17,7 +17,7 @@ from .checkpoint import TRAINER_STATE, latest_complete_checkpoint
 
 TITLES = {"loss": "training loss", "learning_rate": "learning rate", "grad_norm": "gradient norm",
           "eval_loss": "evaluation loss"}
-NOT_CURVES = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}  # speed, not learning
+NOT_CURVES = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_gen_seconds"}  # speed, not learning
 UNSMOOTHED = {"learning_rate"}  # a schedule, not a measurement
 
 

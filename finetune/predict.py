@@ -1,23 +1,36 @@
-"""python -m finetune.predict --model PATH --data TEST.json|jsonl --output preds.jsonl [generation flags]
+"""python -m finetune.predict --model PATH --data TEST.jsonl[,MORE.jsonl] --output preds.jsonl [generation flags]
 
 Batched generation for a base, full or LoRA checkpoint: greedy by default (what evaluation wants), beams or
-sampling on request; bf16 on a GPU, fp32 on CPU. Writes one JSON object per line, {"id", "prediction",
-"answer" (the sample's last assistant turn, when it has one), "type"}, flushed as it goes: a rerun skips ids
-already written. A sample that cannot be read or generated is written with its "error" and skipped.
+sampling on request; bf16 on a GPU, fp32 on CPU. Writes one JSON object per line, {"id", "source" (its data file),
+"prediction", "answer" (the sample's last assistant turn, when it has one), "type"}, flushed as it goes: a rerun
+skips samples already written. A sample that cannot be read or generated is written with its "error" and skipped.
+
+How it keeps the GPU busy: images are sliced in DataLoader worker processes while the GPU generates; samples run
+longest prompt first, so a batch's prompts are about as long as each other (little padding, and an out-of-memory
+shows at the start); a batch that does not fit in GPU memory is halved, and later batches keep the size that fitted.
+Each sample's images go through the vision tower on their own, as chat() encodes them, so an answer never depends on
+the batch the sample is in (the vision tower attends to the padding of the strips it is given together).
 """
 import argparse
 import json
+import logging
 import os
 import sys
 
 import torch
 from tqdm import tqdm
 
-from .data.collator import HOST_KEYS, collate
+from replace_file.image_processing_minicpmv import slice_plan
+from replace_file.modeling_minicpmv import decode_answer, pack_pixel_strips
+
 from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
-from .data.records import RecordFile, read_jsonl
+from .data.dataset import placeholder_token_count
+from .data.mixing import data_files, source_key
+from .data.records import RecordFile, open_image, read_jsonl
 from .model import default_dtype, load_any
-from replace_file.modeling_minicpmv import decode_answer
+
+logger = logging.getLogger(__name__)
+BATCH_SIZE = 128  # halved automatically where it does not fit
 
 
 def prompt_example(record, index, records, tokenizer, settings):
@@ -29,63 +42,146 @@ def prompt_example(record, index, records, tokenizer, settings):
     example = encode_conversation(context, records.open_images(record, index), tokenizer, settings)
     header = torch.tensor(tokenizer(ASSISTANT_HEADER, add_special_tokens=False).input_ids)
     example["input_ids"] = torch.cat([example["input_ids"], header])
-    example["labels"] = torch.full_like(example["input_ids"], -100)
+    del example["labels"]
     return example
 
 
-def left_pad(batch, pad_token_id):
-    """Right-padded collator output -> left padding for generation; image bounds move with the tokens."""
-    lengths = batch["attention_mask"].sum(1).tolist()
-    width = batch["input_ids"].shape[1]
-    ids = torch.full_like(batch["input_ids"], pad_token_id)
-    mask = torch.zeros_like(batch["attention_mask"])
-    for b, n in enumerate(lengths):
-        ids[b, width - n:] = batch["input_ids"][b, :n]
-        mask[b, width - n:] = 1
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], tgt_sizes=batch["tgt_sizes"],
-                image_bound=[bounds + (width - n) for bounds, n in zip(batch["image_bound"], lengths)])
-
-
-def generate_answers(model, tokenizer, examples, **generate_kwargs):
-    batch = collate(examples, pad_token_id=tokenizer.pad_token_id)
-    batch = {k: v.to(model.device) if torch.is_tensor(v) and k not in HOST_KEYS else v
-             for k, v in left_pad(batch, tokenizer.pad_token_id).items()}
-    outputs = model.generate(**batch, tokenizer=tokenizer, **generate_kwargs)
-    return [decode_answer(ids, tokenizer) for ids in outputs]
-
-
-def predict(model, tokenizer, data_path, output_path, batch_size=8, progress=True, **generate_kwargs):
-    """Predictions for every sample of data_path not yet in output_path; returns how many were written."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    settings = ImageSettings.from_config(base.config)
-    records = RecordFile(data_path)
-    done = {row["id"] for row in read_jsonl(output_path)} if os.path.exists(output_path) else set()
-    todo = []
+def read_samples(path, skip=frozenset()):
+    """(records, source, index, record) of every sample of a data file whose (file name, id) is not in `skip`; a
+    line that is not a sample is kept with its "_error"."""
+    records, name, items = RecordFile(path), os.path.basename(path), []
     for i in range(len(records)):
         try:
             record = records.record(i)
         except ValueError as e:
             record = {"id": f"line{records.line_numbers[i]}", "_error": str(e)}
-        if record.get("id", i) not in done:
-            todo.append((i, record))
+        if not skip & {(name, record.get("id", i)), ("", record.get("id", i))}:
+            items.append((records, path, i, record))
+    return items
+
+
+class Prompts(torch.utils.data.Dataset):
+    """Samples to predict -> (row, example or None), encoded in DataLoader workers: token ids ending in the
+    assistant header, the sample's image strips packed together in the model's dtype, patch grids, image spans."""
+
+    def __init__(self, items, tokenizer, settings, dtype):
+        self.items, self.tokenizer, self.settings, self.dtype = items, tokenizer, settings, dtype
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        records, source, index, record = self.items[k]
+        row = {"id": record.get("id", index), "type": record.get("type"), "source": source}
+        turns = record.get("conversations") or []
+        if turns and turns[-1].get("role") == "assistant":
+            row["answer"] = turns[-1].get("content")
+        try:
+            if "_error" in record:
+                raise ValueError(record["_error"])
+            example = prompt_example(record, index, records, self.tokenizer, self.settings)
+        except Exception as e:  # one bad sample never stops the run
+            return dict(row, error=f"{type(e).__name__}: {e}"), None
+        strips = example.pop("pixel_values")
+        example["pixel_values"] = pack_pixel_strips(strips).to(self.dtype) if strips else None
+        return row, example
+
+
+def prompt_length(item, settings):
+    """About how many tokens a sample's prompt has (image placeholders from the image headers, text at four
+    characters a token), to order samples by; 0 for one that cannot be read (it fails later, with its error)."""
+    records, _, index, record = item
+    try:
+        sizes = [open_image(p, decode=False).size for p in records.image_paths(record)]
+        text = sum(len(m["content"]) for m in record["conversations"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+    plans = [slice_plan(size, settings.max_slice_nums, settings.scale_resolution, settings.patch_size) for size in sizes]
+    return sum(placeholder_token_count(plan, settings.query_num) for plan in plans) + text // 4
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, examples, **generate_kwargs):
+    """Answers for a batch: each prompt embedded on its own (its images through the vision tower alone), then
+    left-padded and generated together."""
+    device = model.device
+    embeds = [model.get_llm_embedding(ex["input_ids"][None].to(device, non_blocking=True),
+                                      None if ex["pixel_values"] is None else ex["pixel_values"].to(device, non_blocking=True),
+                                      ex["tgt_sizes"], [ex["image_bound"]])[0] for ex in examples]
+    width = max(len(e) for e in embeds)
+    inputs = embeds[0].new_zeros(len(embeds), width, embeds[0].shape[-1])
+    mask = torch.zeros(len(embeds), width, dtype=torch.long, device=device)
+    for b, e in enumerate(embeds):
+        inputs[b, width - len(e):], mask[b, width - len(e):] = e, 1
+    outputs = model.generate(inputs_embeds=inputs, attention_mask=mask, tokenizer=tokenizer, **generate_kwargs)
+    return [decode_answer(ids, tokenizer) for ids in outputs.cpu()]
+
+
+def generate_rows(model, tokenizer, ready, generate_kwargs, fits):
+    """Rows with predictions for (row, example) pairs, at most fits[0] at a time. A chunk that runs out of GPU memory
+    is halved, and fits[0] with it; after any other failure its samples go one by one, so only the culprit gets an
+    error."""
+    out = []
+    while ready:
+        chunk, out_of_memory = ready[:fits[0]], False
+        try:
+            answers = generate_answers(model, tokenizer, [ex for _, ex in chunk], **generate_kwargs)
+            out += [dict(row, prediction=answer) for (row, _), answer in zip(chunk, answers)]
+        except torch.cuda.OutOfMemoryError as e:
+            out_of_memory = len(chunk) > 1
+            if not out_of_memory:
+                out.append(dict(chunk[0][0], error=f"{type(e).__name__}: {e}"))
+        except Exception as e:
+            out += [dict(chunk[0][0], error=f"{type(e).__name__}: {e}")] if len(chunk) == 1 else \
+                [r for item in chunk for r in generate_rows(model, tokenizer, [item], generate_kwargs, [1])]
+        if out_of_memory:  # outside the handler, so that the failed batch's tensors are gone
+            torch.cuda.empty_cache()
+            fits[0] = len(chunk) // 2
+            logger.warning("out of GPU memory with %d samples in a batch: continuing with %d", len(chunk), fits[0])
+            continue
+        ready = ready[len(chunk):]
+    return out
+
+
+def default_workers(device):
+    """Image workers: on a GPU the CPU cores less one (at most 8); none for a model on the CPU, whose cores compute."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+
+
+def predict_rows(model, tokenizer, items, batch_size=BATCH_SIZE, num_workers=None, max_slice_nums=None,
+                 **generate_kwargs):
+    """Prediction rows for (records, source, index, record) items, yielded a batch at a time, longest prompt first;
+    images sliced as the model's config says, or into at most `max_slice_nums` slices."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    settings = ImageSettings.from_config(base.config, max_slice_nums)
+    items = sorted(items, key=lambda item: -prompt_length(item, settings))
+    workers = default_workers(base.device) if num_workers is None else num_workers
+    if workers:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers fork after the tokenizer ran
+    dataset = Prompts(items, tokenizer, settings, base.vpm.embeddings.patch_embedding.weight.dtype)
+    # one sample per worker task, enough of them in flight that a whole batch waits when the GPU is done
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         prefetch_factor=-(-batch_size // workers) + 1 if workers else None,
+                                         pin_memory=base.device.type == "cuda")
+    fits, batch = [batch_size], []
+    for k, item in enumerate(loader, 1):
+        batch.append(item)
+        if len(batch) == batch_size or k == len(dataset):
+            ready = [(row, ex) for row, ex in batch if ex is not None]
+            yield [row for row, ex in batch if ex is None] + generate_rows(base, tokenizer, ready, generate_kwargs, fits)
+            batch = []
+
+
+def predict(model, tokenizer, data_path, output_path, batch_size=BATCH_SIZE, progress=True, num_workers=None,
+            max_slice_nums=None, **generate_kwargs):
+    """Predictions for every sample of the data files (`a.jsonl,b.jsonl`) not yet in output_path; returns how many
+    were written."""
+    done = {source_key(row) for row in read_jsonl(output_path)} if os.path.exists(output_path) else set()
+    items = [item for path in data_files(data_path) for item in read_samples(path, done)]
     written = 0
     with open(output_path, "a", encoding="utf-8") as out, \
-            tqdm(total=len(todo), unit="sample", desc="predicting", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            rows, ready = [], []
-            for i, record in todo[start:start + batch_size]:
-                row = {"id": record.get("id", i), "type": record.get("type")}
-                turns = record.get("conversations") or []
-                if turns and turns[-1].get("role") == "assistant":
-                    row["answer"] = turns[-1].get("content")
-                try:
-                    if "_error" in record:
-                        raise ValueError(record["_error"])
-                    ready.append((row, prompt_example(record, i, records, tokenizer, settings)))
-                except Exception as e:  # one bad sample never stops the run
-                    row["error"] = f"{type(e).__name__}: {e}"
-                    rows.append(row)
-            rows += generate_rows(base, tokenizer, ready, generate_kwargs)
+            tqdm(total=len(items), unit="sample", desc="predicting", disable=not progress) as bar:
+        for rows in predict_rows(model, tokenizer, items, batch_size, num_workers, max_slice_nums, **generate_kwargs):
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
@@ -94,26 +190,19 @@ def predict(model, tokenizer, data_path, output_path, batch_size=8, progress=Tru
     return written
 
 
-def generate_rows(model, tokenizer, ready, generate_kwargs):
-    """Generate for a batch; if the batch fails, sample by sample, so only the culprit gets an error."""
-    if not ready:
-        return []
-    try:
-        answers = generate_answers(model, tokenizer, [ex for _, ex in ready], **generate_kwargs)
-        return [dict(row, prediction=answer) for (row, _), answer in zip(ready, answers)]
-    except Exception as e:
-        if len(ready) == 1:
-            return [dict(ready[0][0], error=f"{type(e).__name__}: {e}")]
-        return [r for item in ready for r in generate_rows(model, tokenizer, [item], generate_kwargs)]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base, full or LoRA checkpoint folder")
     parser.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE,
+                        help="samples generated together (halved automatically where they do not fit)")
+    parser.add_argument("--num_workers", type=int, help="processes that read and slice images (default on a GPU: "
+                                                         "the CPU cores less one, at most 8; on the CPU: 0, the main "
+                                                         "process)")
+    parser.add_argument("--max_slice_nums", type=int, help="slice images into at most this many parts instead of the "
+                                                            "model's slice_config (e.g. more for 4K screenshots)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--do_sample", action="store_true")
@@ -122,6 +211,10 @@ def main(argv=None):
     parser.add_argument("--top_k", type=int, default=100)
     parser.add_argument("--repetition_penalty", type=float, default=1.0)
     args = parser.parse_args(argv)
+    try:
+        data_files(args.data)
+    except ValueError as e:
+        parser.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device)
     model.eval()
@@ -129,7 +222,8 @@ def main(argv=None):
                            repetition_penalty=args.repetition_penalty)
     if args.do_sample:
         generate_kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    written = predict(model, tokenizer, args.data, args.output, args.batch_size, **generate_kwargs)
+    written = predict(model, tokenizer, args.data, args.output, args.batch_size, num_workers=args.num_workers,
+                      max_slice_nums=args.max_slice_nums, **generate_kwargs)
     print(f"wrote {written} predictions to {args.output}")
     return 0
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from . import metrics
 from .data.records import IMAGE_TAG
-from .evaluate import CLICK_STEP, evaluate
+from .evaluate import CLICK_STEP, score
 
 GOLD, PREDICTED = "#00c853", "#ff00ff"
 THUMBNAIL = 320  # px, the longer side
@@ -34,22 +34,22 @@ def is_right(row):
     return bool(row["values"].get(primary_metric(row), 0.0) >= 1.0)
 
 
-def breakdowns(samples, predictions, elements):
-    """{meta field: {task: {"groups": {value: evaluate()'s report of the task on the samples with that value},
+def breakdowns(scored, elements):
+    """{meta field: {task: {"groups": {value: score()'s report of the task on the samples with that value},
     "columns": its metrics}}} for each field whose values are scalars with at most MAX_GROUPS distinct values
     (a single value only when some samples lack it)."""
     groups = defaultdict(lambda: defaultdict(list))
-    for sample in samples:
-        for key, value in (sample.get("meta") or {}).items():
+    for row in scored:
+        for key, value in (row["sample"].get("meta") or {}).items():
             if isinstance(value, (str, int, bool)):
-                groups[key][value].append(sample)
+                groups[key][value].append((row["sample"], row["entry"]))
     result = {}
     for key, by_value in sorted(groups.items()):
-        if len(by_value) > MAX_GROUPS or [len(v) for v in by_value.values()] == [len(samples)]:
+        if len(by_value) > MAX_GROUPS or [len(v) for v in by_value.values()] == [len(scored)]:
             continue  # ids and boxes group nothing; one value shared by every sample adds nothing to the totals
         tables = defaultdict(lambda: {"columns": [], "groups": {}})
         for value in sorted(by_value, key=str):
-            for task, task_report in evaluate(by_value[value], predictions, elements).items():
+            for task, task_report in score(by_value[value], elements).items():
                 table = tables[task]
                 table["groups"][str(value)] = task_report
                 table["columns"] += [m for m in task_report["scores"] if m not in table["columns"]]
@@ -150,8 +150,8 @@ def scale(drawing, w, h):
     return dict(drawing, xy=[round(v, 1) for v in xy])
 
 
-def write_report(path, report, scored, image_paths, samples, predictions, elements, gallery, sources=()):
-    """Render the page. `report` and `scored` are evaluate()'s report and per-sample list for `samples`;
+def write_report(path, report, scored, image_paths, elements, gallery, sources=()):
+    """Render the page. `report` and `scored` are score()'s report and per-sample list;
     `image_paths(sample)` gives a sample's image files; at most `gallery` failures and gallery // 4 successes
     are shown (evenly spread over the data)."""
     wrong = [r for r in scored if not is_right(r)]
@@ -167,7 +167,7 @@ def write_report(path, report, scored, image_paths, samples, predictions, elemen
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)
     html = env.get_template("report.html").render(
-        report=report, breakdowns=breakdowns(samples, predictions, elements), cards=cards, primary=PRIMARY,
+        report=report, breakdowns=breakdowns(scored, elements), cards=cards, primary=PRIMARY,
         n_wrong=len(wrong), n_right=len(right), shown_wrong=len(shown_wrong), shown_right=len(shown_right),
         gallery=gallery, gold_colour=GOLD, predicted_colour=PREDICTED, sources=sources, tasks=sorted(report))
     tmp = path + ".tmp"

@@ -214,15 +214,18 @@ class MiniCPMV(PreTrainedModel):
 
     # ---- inference ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, input_ids, pixel_values=None, tgt_sizes=None, image_bound=None, attention_mask=None,
-                 tokenizer=None, streamer=None, **generate_kwargs):
-        """Generate new token ids (prompt excluded). Batches are left-padded; images as in `forward`."""
-        embeds = self.get_llm_embedding(input_ids, pixel_values, tgt_sizes, image_bound)
+    def generate(self, input_ids=None, pixel_values=None, tgt_sizes=None, image_bound=None, attention_mask=None,
+                 tokenizer=None, streamer=None, inputs_embeds=None, **generate_kwargs):
+        """Generate new token ids (prompt excluded). Batches are left-padded; images as in `forward`, or the prompt
+        given as `inputs_embeds` (from `get_llm_embedding`)."""
+        embeds = inputs_embeds if inputs_embeds is not None else \
+            self.get_llm_embedding(input_ids, pixel_values, tgt_sizes, image_bound)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         if tokenizer is not None:
             generate_kwargs.setdefault("eos_token_id", [tokenizer.eos_token_id, tokenizer.eot_id])
         generate_kwargs.setdefault("pad_token_id", 0)
+        generate_kwargs.setdefault("use_cache", True)  # the released config says False (a training setting)
         with warnings.catch_warnings():  # the prompt is embeddings, so only new tokens are penalised: as official
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer,

@@ -196,7 +196,9 @@ def test_training_writes_its_curves_with_one_point_per_logged_step(train_data, c
               "--use_lora", "true", "--lora_r", "4", "--max_steps", "4", "--eval_strategy", "steps",
               "--eval_steps", "2", "--save_strategy", "no", "--output_dir", str(out)], ckpt_dir, nproc=1)
     written = {p.name for p in (out / "plots").iterdir()}
-    assert written == {"loss.png", "learning_rate.png", "grad_norm.png", "eval_loss.png"}
+    # the generation metrics logged at each evaluation (finetune.generation_eval) are curves too
+    assert written == {"loss.png", "learning_rate.png", "grad_norm.png", "eval_loss.png", "eval_gen_bbox2text_em.png",
+                       "eval_gen_bbox2text_f1.png"}
     for name in written:
         with Image.open(out / "plots" / name) as image:
             assert image.format == "PNG" and image.size == (800, 450)

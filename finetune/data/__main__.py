@@ -11,7 +11,9 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="validate data files and print token statistics")
-    check.add_argument("data", nargs="+", help="JSON or JSONL files in the conversation format")
+    check.add_argument("data", nargs="+", help="JSON or JSONL files in the conversation format, each with an optional "
+                                               "weight as training takes them (a.jsonl:0.3 b.jsonl:2, or a.jsonl:0.3,"
+                                               "b.jsonl:2): the fraction of the file used per epoch")
     check.add_argument("--model", help="model folder (tokenizer and slice settings); default: the released "
                                        "MiniCPM-Llama3-V 2.5 settings with the Llama-3 tokenizer")
     check.add_argument("--model_max_length", type=int, default=2048)
@@ -36,6 +38,13 @@ def main(argv=None):
                          help="<box>(x1,y1),(x2,y2)</box> (MiniCPM-V finetune style) or <box>x1 y1 x2 y2</box>")
     convert.add_argument("--split", choices=["train", "test"], default="train")
 
+    spot = sub.add_parser("convert-screenspot", help="ScreenSpot, ScreenSpot-v2 or ScreenSpot-Pro (told by its files) "
+                                                     "-> conversation JSONL for predict and evaluate")
+    spot.add_argument("raw_dir", help="the release as downloaded (annotation JSON files and the images folder)")
+    spot.add_argument("out_dir")
+    spot.add_argument("--coords", choices=["paren", "space"], default="paren",
+                      help="<box>(x1,y1),(x2,y2)</box> (MiniCPM-V finetune style) or <box>x1 y1 x2 y2</box>")
+
     args = parser.parse_args(argv)
     if args.command == "check":
         from .check import run_check
@@ -56,6 +65,20 @@ def main(argv=None):
             print(f"{subset}: {r.get('written', 0)} samples -> {r['file']}" + (f"; dropped {drops}" if drops else ""))
             for uid, why in r["dropped"][:10]:
                 print(f"  dropped {uid}: {why}")
+        return 0
+    if args.command == "convert-screenspot":
+        from .guicourse import ReleaseError
+        from .screenspot import convert
+        try:
+            report = convert(args.raw_dir, args.out_dir, args.coords)
+        except ReleaseError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        platforms = ", ".join(f"{p} {n}" for p, n in sorted(report["platforms"].items()))
+        print(f"{report['benchmark']}: {report['written']} samples ({platforms}) -> {report['file']}"
+              + (f"; dropped {len(report['dropped'])}" if report["dropped"] else ""))
+        for where, why in report["dropped"][:10]:
+            print(f"  dropped {where}: {why}")
         return 0
     if args.command == "synth":
         from .synth import write_synthetic

@@ -1,9 +1,12 @@
 """`python -m finetune.data check`: validate data files, report problems by kind and token statistics."""
 import json
+import sys
 import time
 from collections import defaultdict
 
 import numpy as np
+
+from .mixing import describe, parse_sources, source_counts
 
 CANDIDATE_LENGTHS = (1024, 2048, 3072, 4096, 6144, 8192)
 
@@ -16,7 +19,7 @@ def percentiles(values):
             "p99": int(np.percentile(v, 99)), "max": int(v.max())}
 
 
-def summarise(result, model_max_length, seconds):
+def summarise(result, model_max_length, seconds, sources=None):
     stats = np.array(result.token_stats, dtype=np.int64).reshape(-1, 3)
     problems = defaultdict(list)
     for e in result.errors:
@@ -33,6 +36,7 @@ def summarise(result, model_max_length, seconds):
         "tokens": {"total": percentiles(total), "image": percentiles(stats[:, 1]), "supervised": percentiles(stats[:, 2])},
         "percent_over_length": over,
         "recommended_model_max_length": fitting[0] if fitting else None,
+        "sources": source_counts(result.entries, sources or []),
     }
 
 
@@ -41,6 +45,8 @@ def print_report(summary):
     print(f"\nchecked {s['samples']} samples in {len(s['files'])} file(s) in {s['seconds']} s: {s['valid']} valid, "
           f"{s['bad']} bad, {s['over_model_max_length']} over model_max_length {s['model_max_length']}"
           + (f", {s['truncated']} truncated at a turn boundary" if s["truncated"] else ""))
+    if len(s["sources"]) > 1 or any(src["weight"] != 1 for src in s["sources"]):
+        print("\n" + describe(s["sources"], "samples"))
     if s["problems"]:
         print("\nproblems:")
         for kind, items in sorted(s["problems"].items()):
@@ -73,9 +79,14 @@ def run_check(args):
     options = ScanOptions(model_max_length=args.model_max_length, overlong=args.overlong,
                           max_image_pixels=args.max_image_pixels, decode_images=not args.headers_only,
                           workers=args.workers)
+    try:
+        sources = parse_sources(args.data)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     start = time.time()
-    result = scan(args.data, tokenizer, settings, options, progress=not args.json)
-    summary = summarise(result, args.model_max_length, time.time() - start)
+    result = scan([s.path for s in sources], tokenizer, settings, options, progress=not args.json)
+    summary = summarise(result, args.model_max_length, time.time() - start, sources)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

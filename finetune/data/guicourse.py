@@ -47,7 +47,11 @@ def coords(related, style):
     values = [float(v) for v in text.replace(",", " ").split()]
     if any(v < 0 or v > 1 for v in values):
         raise OutOfBounds(f"coordinates outside the image: {related}")
-    ints = [int(v * 1000) for v in values]
+    return format_coords([int(v * 1000) for v in values], style)
+
+
+def format_coords(ints, style):
+    """Four 0-1000 ints as a <box>, two as a <point>: `(x1,y1),(x2,y2)` (paren) or `x1 y1 x2 y2` (space)."""
     if len(ints) == 4:
         return f"<box>({ints[0]},{ints[1]}),({ints[2]},{ints[3]})</box>" if style == "paren" else \
             "<box>{} {} {} {}</box>".format(*ints)
@@ -102,8 +106,7 @@ def guichat_sample(raw, style):
     for turn in raw["text"]:
         text = GUICHAT_IMAGE.sub("<image>", turn["value"])
         text = re.sub(r"<box>\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*</box>",
-                      (lambda m: f"<box>({m[1]},{m[2]}),({m[3]},{m[4]})</box>") if style == "paren" else
-                      (lambda m: f"<box>{m[1]} {m[2]} {m[3]} {m[4]}</box>"), text)
+                      lambda m: format_coords(m.groups(), style), text)
         turns.append({"role": "user" if turn["from"] == "human" else "assistant", "content": text})
     return {"id": raw["uid"], "conversations": turns}
 
