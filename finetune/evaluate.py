@@ -6,12 +6,11 @@ is free text (EM, F1). The gold answer is the sample's last assistant turn. `--e
 {"id", "image_size": [w, h], "elements": [{"id", "box": [x1, y1, x2, y2] pixels}]} per GUIAct sample (written
 by the GUICourse conversion); without it, clicks are judged by the box rule in finetune.metrics._box_hit.
 """
-import argparse
 import json
-import sys
 from collections import defaultdict
 
 from . import metrics
+from .cli import Parser, UserError, input_file, model_folder, output_file, run
 
 # The paper's final MiniCPM-GUI (Table 3, GUIAct; Table 6 last row, GUIEnv), in percent.
 PAPER = {"web-single": {"type_em": 91.8, "click_acc": 74.9, "step_sr": 70.6},
@@ -93,13 +92,32 @@ def print_table(report):
         print(f"\nmean StepSR over GUIAct sets: {sum(step) / len(step):.2f} (paper: MiniCPM-GUI 57.1)")
 
 
+def record_scores(folder, data, report):
+    """The report's scores into the checkpoint's model card (finetune.model_card)."""
+    from .model_card import add_evaluation
+    rows = [(task, metric, value, r["counts"]["samples"]) for task, r in sorted(report.items())
+            for metric, value in r["scores"].items()]
+    if not add_evaluation(folder, data, rows):
+        raise UserError(f"--model_card {folder}: no model card of this toolkit there (README.md); give a checkpoint "
+                        "folder that finetune.py or finetune.merge_lora wrote")
+    print(f"scores added to {folder}/README.md")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--predictions", required=True)
-    parser.add_argument("--elements")
+    parser = Parser(prog="python -m finetune.evaluate", description=__doc__)
+    parser.add_argument("--data", required=True, help="the test data the predictions were made for")
+    parser.add_argument("--predictions", required=True, help="JSONL written by python -m finetune.predict")
+    parser.add_argument("--elements", help="candidate elements per GUIAct sample (JSONL, from convert-guicourse)")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--model_card", metavar="CHECKPOINT", help="add the scores to this checkpoint's model card")
     args = parser.parse_args(argv)
+    for flag, path in (("--data", args.data), ("--predictions", args.predictions), ("--elements", args.elements)):
+        if path:
+            input_file(path, flag)
+    if args.json:
+        output_file(args.json, "--json")
+    if args.model_card:
+        model_folder(args.model_card, "--model_card")
     from .data.records import RecordFile, read_jsonl
     records = RecordFile(args.data)
     samples = [records.record(i) for i in range(len(records))]
@@ -110,8 +128,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if args.model_card:
+        record_scores(args.model_card, args.data, report)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -14,7 +14,14 @@ Order of setup, and why:
 import gc
 import logging
 import os
+import sys
 from functools import partial
+
+if not __package__:  # run as a script (python finetune/finetune.py, as with the official repo): run the module
+    import runpy
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not finetune/
+    runpy.run_module("finetune.finetune", run_name="__main__", alter_sys=True)
+    sys.exit()
 
 import torch
 import torch.distributed as dist
@@ -24,6 +31,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import parse_args
 from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
+from .cli import finetune_inputs, run
+from .model_card import ModelCardCallback
 from .data.collator import collate
 from .data.conversation import ImageSettings
 from .data.dataset import ConversationDataset, ScanOptions, scan
@@ -109,6 +118,7 @@ def main(argv=None, build_model=load_model):
     """`build_model(path, dtype=, attn_implementation=)` returns the model; benchmarks pass one that builds
     random weights of the same architecture."""
     model_args, data_args, tune_args, training_args = parse_args(argv)
+    finetune_inputs(model_args, data_args, training_args)  # paths and machine, before anything loads
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     path = model_args.model_name_or_path
@@ -156,6 +166,7 @@ def main(argv=None, build_model=load_model):
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,
                                                     pad_to_multiple_of=data_args.pad_to_multiple_of,
                                                     padding_free=data_args.padding_free))
+    trainer.add_callback(ModelCardCallback(model_args, data_args, tune_args, settings, datasets))  # README.md
     if tune_args.cuda_graphs and training_args.per_device_train_batch_size == 1:  # larger batches: shapes vary
         trainer.add_callback(CudaGraphRecording(trainer, data_args.pad_to_multiple_of))
     resume = training_args.resume_from_checkpoint
@@ -172,4 +183,4 @@ def main(argv=None, build_model=load_model):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

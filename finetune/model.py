@@ -7,20 +7,23 @@ import torch
 
 from replace_file import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
 
+from .cli import UserError
+
 # MiniCPM's renamed Llama-3 special slots (checkpoint_spec §3.1): a tokenizer without them is not this model's.
 SPECIAL_TOKEN_IDS = {"<unk>": 128002, "<image>": 128010, "</image>": 128011, "<slice>": 128020, "</slice>": 128021,
                      "<|eot_id|>": 128009}
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(ValueError, UserError):
+    """A folder that is not a loadable MiniCPM-Llama3-V 2.5 checkpoint (entry points report it as one line)."""
 
 
 def read_config(path):
     """The checkpoint's config, after checking that the folder holds MiniCPM-Llama3-V 2.5."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise CheckpointError(f"{path}: no config.json, so this is not a model folder")
+        raise CheckpointError(f"{path}: no config.json, so this is not a model folder; give the folder of "
+                              "MiniCPM-Llama3-V 2.5 (config.json, *.safetensors, tokenizer files)")
     try:
         raw = json.load(open(config_file))
     except json.JSONDecodeError as e:

@@ -5,14 +5,13 @@ sampling on request; bf16 on a GPU, fp32 on CPU. Writes one JSON object per line
 "answer" (the sample's last assistant turn, when it has one), "type"}, flushed as it goes: a rerun skips ids
 already written. A sample that cannot be read or generated is written with its "error" and skipped.
 """
-import argparse
 import json
 import os
-import sys
 
 import torch
 from tqdm import tqdm
 
+from .cli import Parser, input_file, model_folder, output_file, run
 from .data.collator import HOST_KEYS, collate
 from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
 from .data.records import RecordFile, read_jsonl
@@ -108,20 +107,23 @@ def generate_rows(model, tokenizer, ready, generate_kwargs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m finetune.predict", description=__doc__)
     parser.add_argument("--model", required=True, help="base, full or LoRA checkpoint folder")
     parser.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--do_sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=0.8)
-    parser.add_argument("--top_k", type=int, default=100)
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--data", required=True, help="test data: JSON/JSONL in the conversation format")
+    parser.add_argument("--output", required=True, help="predictions, JSONL (appended to: a rerun resumes)")
+    parser.add_argument("--batch_size", type=int, default=8, help="samples generated together")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest answer, in tokens")
+    parser.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of the most likely tokens")
+    parser.add_argument("--temperature", type=float, default=0.7, help="with --do_sample")
+    parser.add_argument("--top_p", type=float, default=0.8, help="with --do_sample")
+    parser.add_argument("--top_k", type=int, default=100, help="with --do_sample")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="above 1: fewer repeated tokens")
     args = parser.parse_args(argv)
+    model_folder(args.model, "--model", base=args.base)
+    input_file(args.data, "--data")
+    output_file(args.output, "--output")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device)
     model.eval()
@@ -135,4 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -1,6 +1,14 @@
 # Shared by finetune_ds.sh and finetune_lora.sh: environment -> torchrun + finetune.py with common defaults.
 # bf16 where the GPU has it, fp32 otherwise (on CPU DeepSpeed runs with DS_ACCELERATOR=cpu).
 
+# torchrun through finetune.launch: a run stopped by a mistake ends with its own message (DEBUG=1: tracebacks too);
+# with --help, what the script does, its environment and finetune.py's flags with the script's values as defaults
+LAUNCHER=(python3 -m finetune.launch --script "$(basename "$0")")
+if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
+    LAUNCHER+=(--help) MODEL=${MODEL:-'$MODEL'} DATA=${DATA:-'$DATA'} GPUS_PER_NODE=${GPUS_PER_NODE:-1}
+fi
+torchrun() { "${LAUNCHER[@]}" "$@"; }
+
 if [ -z "${MODEL:-}" ] && [ -z "${DATA:-}" ]; then  # nothing configured: the embedded demo, through this script
     exec python3 -m finetune.demo --script "$(basename "$0")" "$@"
 fi
