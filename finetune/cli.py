@@ -116,8 +116,23 @@ class Parser(argparse.ArgumentParser):
             self.error(f"unexpected argument {unknown[0]!r}")
         names = self.all_options()  # suggested in underscore spelling (HfArgumentParser adds dashed twins)
         names = sorted(n for n in names if "-" not in n[2:] or "--" + n[2:].replace("-", "_") not in names)
-        near = difflib.get_close_matches(flag, names, n=1, cutoff=0.6)
-        self.error(f"unknown flag {flag}" + (f"; did you mean {near[0]}?" if near else ""))
+        near = OTHER_TOOLS_NAMES.get(flag)
+        if near not in names:
+            near = max(names, key=lambda name: likeness(flag, name), default=None)
+            near = near if near and likeness(flag, near) > 0.6 else None
+        self.error(f"unknown flag {flag}" + (f"; did you mean {near}?" if near else ""))
+
+
+# what other training tools call some of transformers' flags
+OTHER_TOOLS_NAMES = {"--lr": "--learning_rate", "--epochs": "--num_train_epochs",
+                     "--batch_size": "--per_device_train_batch_size", "--train_batch_size": "--per_device_train_batch_size"}
+
+
+def likeness(typed, name):
+    """How close a mistyped flag is to a real one: difflib's ratio, and more when one begins the other
+    (--lora_rank is --lora_r said longer, not --local_rank misspelt)."""
+    prefix = len(name) > 4 and len(typed) > 4 and (typed.startswith(name) or name.startswith(typed))
+    return difflib.SequenceMatcher(None, typed, name).ratio() + 0.2 * prefix
 
 
 def shown(path):

@@ -48,7 +48,8 @@ def script_help(script, flags):
     parser = build_parser(prog=f"bash {script}", description=script_header(script))
     parser.usage = f"MODEL=FOLDER DATA=FILE[,FILE] [VARIABLE=VALUE ...] %(prog)s [--flag VALUE ...]"
     parser.epilog = ("Any flag overrides the script's value, shown as its default. Every transformers\n"
-                     "TrainingArguments flag works too: python finetune/finetune.py --help lists them all.")
+                     "TrainingArguments flag works too: python finetune/finetune.py --help lists them all.\n"
+                     "With MODEL and DATA unset the script runs the embedded demo (python -m finetune.demo --help).")
     values, _ = parser.parse_known_args(flags)
     given = {f.split("=")[0] for f in flags if f.startswith("--")}
     ours = {f.name for cls in (ModelArguments, DataArguments, TuneArguments) for f in dataclasses.fields(cls)}

@@ -30,7 +30,8 @@ def read_config(path):
         raise CheckpointError(f"{config_file}: invalid JSON: {e}") from None
     found = f"model_type={raw.get('model_type')!r}, architectures={raw.get('architectures')}"
     if raw.get("model_type") != "minicpmv":
-        raise CheckpointError(f"{path} is not a MiniCPM-Llama3-V 2.5 checkpoint: found {found}")
+        raise CheckpointError(f"{path} is not a MiniCPM-Llama3-V 2.5 checkpoint: found {found}; give a folder of "
+                              "MiniCPM-Llama3-V 2.5 (openbmb/MiniCPM-Llama3-V-2_5) or of a finetune of it")
     version = str(raw["version"]) if "version" in raw else None
     if version is None and raw.get("hidden_size") == 2304 and raw.get("query_num") == 64:
         version = "2.0"  # the release without a version key is 2.5; 2.0 has these dimensions

@@ -115,8 +115,8 @@ class TrainingRun:
             f"- Images: sliced into up to {s.max_slice_nums} slices of {s.scale_resolution} px, {s.query_num} "
             f"tokens each; samples up to {d.model_max_length} tokens (longer ones: {d.overlong})",
             f"- Steps: {state.global_step} of {state.max_steps} ({epochs} epochs)",
-            f"- Global batch: {batch} samples ({args.per_device_train_batch_size} per process x "
-            f"{args.gradient_accumulation_steps} accumulation steps x {world} processes)",
+            f"- Global batch: {batch} samples per optimizer step ({args.per_device_train_batch_size} per process "
+            f"x {args.gradient_accumulation_steps} accumulated x {world} processes)",
             f"- Optimizer: AdamW, learning rate {args.learning_rate:g}, {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} schedule "
             f"(warm-up {args.warmup_steps:g}), weight decay {args.weight_decay:g}; weights in {dtype}",
             f"- DeepSpeed: `{args.deepspeed}`" if args.deepspeed else "- DeepSpeed: no",
@@ -150,11 +150,11 @@ def results(log_history):
 
 
 def usage(lora):
-    how = ("from peft import PeftModel  # or: PeftModel.from_pretrained(AutoModel.from_pretrained(BASE, "
-           "trust_remote_code=True), FOLDER)" if lora else
-           "from transformers import AutoModel  # or: AutoModel.from_pretrained(FOLDER, trust_remote_code=True)")
-    return (f"```python\nimport finetune\nmodel, tokenizer = finetune.load(FOLDER)  # this toolkit\n{how}\n```\n\n"
-            "`python -m finetune.chat --model FOLDER --image screen.png` talks about a screenshot.")
+    direct = ("With peft: `PeftModel.from_pretrained(AutoModel.from_pretrained(BASE, trust_remote_code=True), FOLDER)`"
+              if lora else "With transformers: `AutoModel.from_pretrained(FOLDER, trust_remote_code=True)` (the model "
+                           "files are in the folder)")
+    return (f"- With this toolkit: `model, tokenizer = finetune.load(FOLDER)`, or talk about a screenshot with "
+            f"`python -m finetune.chat --model FOLDER --image screen.png`\n- {direct}")
 
 
 def callback_of(trainer):
@@ -189,14 +189,14 @@ def write_merged_card(adapter, output, base, dtype):
     """The merged checkpoint's card: the adapter's (when this toolkit wrote it) as a full model."""
     card = load(adapter)
     if card is not None:
-        _, intro, sections = parse(card)
-    else:
+        sections = parse(card)[2]
+    else:  # an adapter from elsewhere: what its config says
         with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
             config = json.load(f)
-        intro, sections = "", {"Training": f"- LoRA r={config.get('r')}, alpha={config.get('lora_alpha')} on "
-                                           f"`{config.get('target_modules')}`; in full: {config.get('modules_to_save')}"}
-    intro = (f"The LoRA adapter `{os.path.abspath(adapter)}` merged into its base `{base}` (python -m "
-             f"finetune.merge_lora), weights in {str(dtype).replace('torch.', '')}. " + intro).strip()
+        sections = {"Training": f"- Trained: LoRA adapters (r={config.get('r')}, alpha={config.get('lora_alpha')}) on "
+                                f"`{config.get('target_modules')}`; in full: {config.get('modules_to_save')}"}
+    intro = (f"A full checkpoint of MiniCPM-Llama3-V 2.5: the LoRA adapter `{os.path.abspath(adapter)}` merged into "
+             f"its base `{base}` by python -m finetune.merge_lora, weights in {str(dtype).replace('torch.', '')}.")
     sections["Use"] = usage(lora=False)
     save(compose(metadata(base, lora=True, merged=True), "MiniCPM-Llama3-V 2.5, merged LoRA finetune", intro,
                  sections), output)
