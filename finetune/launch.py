@@ -61,10 +61,10 @@ def script_help(script, flags):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    script = argv.pop(argv.index("--script") + 1) if "--script" in argv else None
-    argv = [a for a in argv if a != "--script"]
-    if argv and argv[0] == "--help":
+    argv, script = list(sys.argv[1:] if argv is None else argv), None
+    if argv[:1] == ["--script"]:
+        script, argv = argv[1], argv[2:]
+    if argv[:1] == ["--help"]:
         return script_help(script, split_command(argv[1:])[1])
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -79,8 +79,10 @@ def main(argv=None):
                 raise
             lines = list(dict.fromkeys(json.loads(line) for line in errors if line.strip()))  # once, not per rank
             rank, failure = e.get_first_failure()
-            print("\n".join(lines) or f"error: rank {rank} stopped with exit code {failure.exitcode} (its traceback "
-                  "is above; DEBUG=1 shows torchrun's report too)", file=sys.stderr, flush=True)
+            how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else \
+                f"stopped with exit code {failure.exitcode}"
+            print("\n".join(lines) or f"error: rank {rank} {how}; its output above says why (DEBUG=1 adds "
+                  "torchrun's report)", file=sys.stderr, flush=True)
             return 2 if lines else 1
     return 0
 
