@@ -125,7 +125,8 @@ class Parser(argparse.ArgumentParser):
 
 # what other training tools call some of transformers' flags
 OTHER_TOOLS_NAMES = {"--lr": "--learning_rate", "--epochs": "--num_train_epochs",
-                     "--batch_size": "--per_device_train_batch_size", "--train_batch_size": "--per_device_train_batch_size"}
+                     "--batch_size": "--per_device_train_batch_size",
+                     "--train_batch_size": "--per_device_train_batch_size"}
 
 
 def likeness(typed, name):

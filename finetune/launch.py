@@ -46,7 +46,7 @@ def script_help(script, flags):
     from .arguments import DataArguments, ModelArguments, TuneArguments, build_parser
     flags = [f for f in flags if f not in ("-h", "--help")]
     parser = build_parser(prog=f"bash {script}", description=script_header(script))
-    parser.usage = f"MODEL=FOLDER DATA=FILE[,FILE] [VARIABLE=VALUE ...] %(prog)s [--flag VALUE ...]"
+    parser.usage = "MODEL=FOLDER DATA=FILE[,FILE] [VARIABLE=VALUE ...] %(prog)s [--flag VALUE ...]"
     parser.epilog = ("Any flag overrides the script's value, shown as its default. Every transformers\n"
                      "TrainingArguments flag works too: python finetune/finetune.py --help lists them all.\n"
                      "With MODEL and DATA unset the script runs the embedded demo (python -m finetune.demo --help).")

@@ -108,6 +108,7 @@ class TrainingRun:
         world = max(args.world_size, 1)
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
         s, d = self.settings, self.data_args
+        schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum, or its name
         epochs = f"{state.epoch:.2f}" if state.epoch is not None else "?"
         training = "\n".join([
             f"- Base model: `{self.base}`" + (f" ({hub_id(self.base)})" if hub_id(self.base) else ""),
@@ -117,7 +118,7 @@ class TrainingRun:
             f"- Steps: {state.global_step} of {state.max_steps} ({epochs} epochs)",
             f"- Global batch: {batch} samples per optimizer step ({args.per_device_train_batch_size} per process "
             f"x {args.gradient_accumulation_steps} accumulated x {world} processes)",
-            f"- Optimizer: AdamW, learning rate {args.learning_rate:g}, {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} schedule "
+            f"- Optimizer: AdamW, learning rate {args.learning_rate:g}, {schedule} schedule "
             f"(warm-up {args.warmup_steps:g}), weight decay {args.weight_decay:g}; weights in {dtype}",
             f"- DeepSpeed: `{args.deepspeed}`" if args.deepspeed else "- DeepSpeed: no",
             f"- Seed: {args.seed}",

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def command(args, **env):
     """Run a command in the repository; stdout and stderr as one stream, so "last line" means last printed."""
-    return subprocess.run(args, cwd=REPO, env={**os.environ, "COLUMNS": "1000", **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=300)
+    return subprocess.run(args, cwd=REPO, env={**os.environ, "COLUMNS": "1000", **env}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
 
 
 def assert_one_line(out, expected):
@@ -159,7 +159,8 @@ def flags_without_help(text):
     (evaluate.main, [], "python -m finetune.evaluate", ["--predictions PREDICTIONS", "--elements", "--model_card"]),
     (merge_lora.main, [], "python -m finetune.merge_lora", ["--adapter ADAPTER", "--output OUTPUT", "--dtype"]),
     (restore_template.main, [], "python -m finetune.restore_template", ["CKPT"]),
-    (demo.main, [], "python -m finetune.demo", ["--script", "the launch script that trains (default: finetune_lora.sh)", "--output"]),
+    (demo.main, [], "python -m finetune.demo", ["--script", "the launch script that trains (default: finetune_lora.sh)",
+                                                 "--output"]),
     (data_main, [], "python -m finetune.data", ["check", "synth", "convert-guicourse"]),
     (data_main, ["check"], "python -m finetune.data check", ["--model MODEL", "(default: 2048)", "--headers_only"]),
     (data_main, ["synth"], "python -m finetune.data synth", ["out_dir", "--n N", "(default: 1000)", "--blank"]),
