@@ -7,14 +7,16 @@ from dataclasses import dataclass, field
 
 import transformers
 
-from .plan import DEFAULT_GLOBAL_BATCH, given_flags
+from .cli import Parser
 from .data.mixing import parse_sources
+from .plan import DEFAULT_GLOBAL_BATCH, given_flags
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"
     model_name_or_path: str = field(default=None, metadata={"help": "MiniCPM-Llama3-V 2.5 folder (official layout)"})
     llm_type: str = field(default="llama3", metadata={"help": "kept from the official scripts; only llama3 is valid"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, flash_attention_2, eager"})
@@ -22,6 +24,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
     data_path: str = field(default=None, metadata={"help": "training data: JSON/JSONL, several separated by commas, "
                                                            "each with an optional weight (a.jsonl:0.3,b.jsonl:2): the "
                                                            "fraction of the file used per epoch"})
@@ -31,7 +34,7 @@ class DataArguments:
     overlong: str = field(default="skip", metadata={"help": "skip | truncate (at a turn boundary, keeping an answer)"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training with the list of "
                                                                   "bad samples | skip: train without them"})
-    max_image_pixels: int = field(default=50_000_000)
+    max_image_pixels: int = field(default=50_000_000, metadata={"help": "larger images are bad samples"})
     check_workers: int = field(default=0, metadata={"help": "processes for the pre-training data check (0: all cores)"})
     decode_images_in_check: bool = field(default=False, metadata={"help": "fully decode images in the check"})
     pad_to_multiple_of: int = field(default=None, metadata={
@@ -49,9 +52,10 @@ class DataArguments:
 
 @dataclass
 class TuneArguments:
-    tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (in full)"})
+    _argument_group_name = "what is trained, and how"
+    tune_vision: bool = field(default=True, metadata={"help": "train the vision tower in full"})
     tune_llm: bool = field(default=True, metadata={"help": "train the LLM in full (ignored with --use_lora)"})
-    tune_resampler: bool = field(default=True, metadata={"help": "train the resampler (in full)"})
+    tune_resampler: bool = field(default=True, metadata={"help": "train the resampler in full"})
     tune_embed_tokens: bool = field(default=False, metadata={"help": "with LoRA: also train embed_tokens in full"})
     checkpointing_modules: str = field(default=None, metadata={
         "help": "with --gradient_checkpointing: all | vision | llm | resampler | none. 'vision' recomputes the vision "
@@ -76,21 +80,25 @@ class TuneArguments:
     gpu_memory_limit: str = field(default=None, metadata={
         "help": "plan for this much GPU memory per GPU, e.g. 24GiB, and hold the run to it (to share a GPU, or to "
                 "rehearse a smaller card); default: the GPU's memory less a headroom"})
-    use_lora: bool = False
-    q_lora: bool = False
-    lora_r: int = 64
-    lora_alpha: int = 64
-    lora_dropout: float = 0.05
+    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM instead of all its "
+                                                            "weights (the modules chosen by --tune_* train in full)"})
+    q_lora: bool = field(default=False, metadata={"help": "not supported (kept from the official scripts)"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     lora_target_modules: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "regex over module names"})
 
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
+    _argument_group_name = "training (transformers TrainingArguments)"
     # the toolkit's defaults differ from transformers' where the official scripts needed them
-    remove_unused_columns: bool = False
-    prediction_loss_only: bool = True
-    logging_nan_inf_filter: bool = False  # a non-finite loss stops the run instead; the filter synchronised every step
-    output_dir: str = "output"
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep every batch entry for the model"})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "evaluation computes the loss only (no "
+                                                                       "logits kept)"})
+    logging_nan_inf_filter: bool = field(default=False, metadata={  # the filter synchronised the GPU every step
+        "help": "leave non-finite losses out of the logged mean (off: a non-finite loss stops the run instead)"})
+    output_dir: str = field(default="output", metadata={"help": "where checkpoints and the final model are written"})
 
 
 # Flags of the official scripts that transformers 5 renamed or dropped.
@@ -156,7 +164,7 @@ def parse_args(argv=None):
     set up by finetune.distributed after planning."""
     argv = translate_legacy_flags(list(sys.argv[1:] if argv is None else argv))
     argv, deepspeed, _ = pop_deepspeed(argv)
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TuneArguments, TrainingArguments))
+    parser = build_parser()
     model_args, data_args, tune_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     training_args.deepspeed = deepspeed
     check(model_args, data_args, tune_args, training_args, given_flags(argv))
@@ -205,6 +213,24 @@ def check(model_args, data_args, tune_args, training_args, given):
     if tune_args.gpu_memory_limit:
         from .plan import parse_gib
         parse_gib(tune_args.gpu_memory_limit)
+
+
+ABOUT = """Finetune MiniCPM-Llama3-V 2.5 (all weights, or LoRA with --use_lora true) on JSON/JSONL conversation data
+with the Hugging Face Trainer, optionally under DeepSpeed. Several GPUs: torchrun --nproc_per_node N
+finetune/finetune.py ... The launch scripts (bash finetune_lora.sh --help, bash finetune_ds.sh --help) set the
+recommended defaults. Check data first: python -m finetune.data check DATA --model FOLDER."""
+
+
+class TrainingParser(Parser, transformers.HfArgumentParser):
+    """finetune.py's flags, from the dataclasses above (finetune.cli: help with defaults, one-line mistakes)."""
+
+
+def build_parser(prog=None, description=ABOUT):
+    """The parser of finetune.py's flags; the launch scripts' --help (finetune.launch) shows it too."""
+    prog = prog or os.environ.get("FINETUNE_PROG", "python finetune/finetune.py")
+    usage = "%(prog)s --model_name_or_path FOLDER --data_path FILE[,FILE] [--flag VALUE ...]"
+    return TrainingParser((ModelArguments, DataArguments, TuneArguments, TrainingArguments), prog=prog, usage=usage,
+                          description=description)
 
 
 def check_cuda_graphs(data_args, tune_args, training_args):

@@ -4,12 +4,10 @@ One question (--prompt), or an interactive conversation about the image (empty l
 Answers stream as they are generated with the official sampling settings; --greedy uses the official
 3-beam search instead (printed when complete).
 """
-import argparse
-import sys
-
 import torch
 from PIL import Image
 
+from .cli import Parser, image_file, model_folder, run
 from .model import default_dtype, load_any
 
 
@@ -28,14 +26,16 @@ def answer(model, tokenizer, image, messages, greedy, max_new_tokens):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m finetune.chat", description=__doc__)
     parser.add_argument("--model", required=True, help="base, full or LoRA checkpoint folder")
-    parser.add_argument("--base", help="base model folder for a LoRA adapter")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt")
-    parser.add_argument("--greedy", action="store_true")
-    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
+    parser.add_argument("--image", required=True, help="the screenshot (or any image) to talk about")
+    parser.add_argument("--prompt", help="ask this one question and exit (default: an interactive conversation)")
+    parser.add_argument("--greedy", action="store_true", help="the official 3-beam search instead of sampling")
+    parser.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
     args = parser.parse_args(argv)
+    model_folder(args.model, "--model", base=args.base)
+    image_file(args.image, "--image")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device)
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -61,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

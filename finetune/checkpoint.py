@@ -8,6 +8,7 @@ import shutil
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .cli import UserError
 from .data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
@@ -39,12 +40,15 @@ def latest_complete_checkpoint(output_dir):
 
 
 def save_final(trainer, output_dir):
-    """trainer.save_model into a temporary folder beside output_dir, then move the files in, config last."""
+    """trainer.save_model (and the model card) into a temporary folder beside output_dir, then move the files in,
+    config last."""
     staging = output_dir.rstrip("/") + ".saving"
     if trainer.args.should_save and os.path.isdir(staging):
         shutil.rmtree(staging)
     trainer.save_model(staging)
     if trainer.args.should_save:
+        from .model_card import write_card
+        write_card(trainer, staging)  # in place of peft's placeholder
         os.makedirs(output_dir, exist_ok=True)
         names = sorted(os.listdir(staging), key=lambda n: n in ("config.json", "adapter_config.json"))
         for name in names:
@@ -61,7 +65,7 @@ def restore_template(folder):
     of May-June 2024), which makes chat() answer empty. Returns what was done."""
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
-        raise SystemExit(f"{path} not found: is {folder} a model folder?")
+        raise UserError(f"{path} not found: give a checkpoint folder (the one holding tokenizer_config.json)")
     config = json.load(open(path, encoding="utf-8"))
     template = config.get("chat_template")
     if template == INFERENCE_CHAT_TEMPLATE:

@@ -7,7 +7,6 @@ control), and scores both on held-out screenshots. Images are wired right when t
 
     python -m finetune.demo --script finetune_lora.sh [extra finetune.py flags]
 """
-import argparse
 import json
 import os
 import subprocess
@@ -15,7 +14,9 @@ import time
 
 import torch
 
+from .cli import Parser, output_folder, run
 from .data.synth import write_synthetic
+from .model_card import add_evaluation
 from .official_format import official_config, write_config, write_tokenizer
 
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "minicpmv-finetune", "demo-v7")
@@ -82,10 +83,12 @@ def evaluate(model_dir, test_file):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--script", default="finetune_lora.sh")
-    parser.add_argument("--output", default="output/demo")
-    args, extra = parser.parse_known_args(argv)
+    parser = Parser(prog="python -m finetune.demo", description=__doc__)
+    parser.add_argument("--script", default="finetune_lora.sh", choices=["finetune_lora.sh", "finetune_ds.sh"],
+                        help="the launch script that trains")
+    parser.add_argument("--output", default="output/demo", help="folder for the two trained models and the results")
+    args, extra = parser.parse_known_args(argv)  # the rest are finetune.py flags, for the launch script
+    output_folder(args.output, "--output")
     start = time.time()
     paths = prepare()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,9 +97,12 @@ def main(argv=None):
         out = os.path.join(args.output, "images" if train == paths["train"] else "blank")
         env = dict(os.environ, MODEL=paths["model"], DATA=train, OUTPUT_DIR=out, GPUS_PER_NODE=os.environ.get("GPUS_PER_NODE", "1"))
         print(f"\n=== demo: training on {variant} -> {out}", flush=True)
-        subprocess.run(["bash", os.path.join(repo, args.script)] + TRAIN_ARGS + extra, env=env, check=True)
+        status = subprocess.run(["bash", os.path.join(repo, args.script)] + TRAIN_ARGS + extra, env=env).returncode
+        if status:
+            raise SystemExit(status)  # the training run's own message is the last line printed
         test = paths["test"] if train == paths["train"] else paths["test_blank"]
         results[variant] = evaluate(out, test)
+        add_evaluation(out, test, [("held-out screenshots", "exact match", 100 * results[variant], N_TEST)])
     summary = {"accuracy_with_screenshots": results["screenshots"],
                "accuracy_blanked_control": results["blanked screenshots (control)"],
                "minutes": round((time.time() - start) / 60, 1), "output": args.output}
@@ -116,4 +122,4 @@ Check data first with: python -m finetune.data check train.jsonl --model /path/t
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

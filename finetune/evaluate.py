@@ -9,13 +9,12 @@ file. `--elements` is a JSONL of {"id", "image_size": [w, h], "elements": [{"id"
 per GUIAct sample (written by the GUICourse conversion); without it, clicks are judged by the box rule in
 finetune.metrics._box_hit.
 """
-import argparse
 import json
 import os
-import sys
 from collections import defaultdict
 
 from . import metrics, screenspot_metrics
+from .cli import Parser, UserError, input_file, model_folder, output_file, run
 
 # The paper's final MiniCPM-GUI (Table 3, GUIAct; Table 6 last row, GUIEnv), in percent.
 PAPER = {"web-single": {"type_em": 91.8, "click_acc": 74.9, "step_sr": 70.6},
@@ -139,23 +138,44 @@ def pairs_by_source(files, prediction_rows):
     return out
 
 
+def record_scores(folder, data, report):
+    """The report's scores into the checkpoint's model card (finetune.model_card)."""
+    from .model_card import add_evaluation
+    rows = [(task, metric, value, r["counts"]["samples"]) for task, r in sorted(report.items())
+            for metric, value in r["scores"].items()]
+    if not add_evaluation(folder, data, rows):
+        raise UserError(f"--model_card {folder}: no model card of this toolkit there (README.md); give a checkpoint "
+                        "folder that finetune.py or finetune.merge_lora wrote")
+    print(f"scores added to {folder}/README.md")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="the data file(s) predicted, several separated by commas")
-    parser.add_argument("--predictions", required=True)
-    parser.add_argument("--elements")
+    parser = Parser(prog="python -m finetune.evaluate", description=__doc__)
+    parser.add_argument("--data", required=True, help="the test data the predictions were made for, several files "
+                                                      "separated by commas")
+    parser.add_argument("--predictions", required=True, help="JSONL written by python -m finetune.predict")
+    parser.add_argument("--elements", help="candidate elements per GUIAct sample (JSONL, from convert-guicourse)")
     parser.add_argument("--json", help="write the report here (with several data files, also each one's under "
                                        "\"by_source\")")
     parser.add_argument("--report", help="write the report page here (HTML: tables, screenshots with the boxes)")
     parser.add_argument("--report_gallery", type=int, default=500,
                         help="the page shows at most this many wrong samples and a quarter as many right ones")
+    parser.add_argument("--model_card", metavar="CHECKPOINT", help="add the scores to this checkpoint's model card")
     args = parser.parse_args(argv)
     from .data.mixing import data_files
     from .data.records import read_jsonl
     try:
         files = data_files(args.data)
     except ValueError as e:
-        parser.error(str(e))
+        raise UserError(f"--data: {e}") from None
+    for flag, paths in (("--data", files), ("--predictions", [args.predictions]), ("--elements", [args.elements])):
+        for path in paths:
+            if path:
+                input_file(path, flag)
+    if args.json:
+        output_file(args.json, "--json")
+    if args.model_card:
+        model_folder(args.model_card, "--model_card")
     by_source = pairs_by_source(files, read_jsonl(args.predictions))
     elements = {e["id"]: e for e in read_jsonl(args.elements)} if args.elements else None
     scored = [] if args.report else None
@@ -177,8 +197,10 @@ def main(argv=None):
         write_report(args.report, report, scored, lambda sample: owner[id(sample)].image_paths(sample), elements,
                      args.report_gallery, sources=[os.path.abspath(f) for f in files] + [os.path.abspath(args.predictions)])
         print(f"\nreport page: {args.report}")
+    if args.model_card:
+        record_scores(args.model_card, args.data, report)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

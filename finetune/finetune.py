@@ -18,28 +18,31 @@ import os
 import sys
 from functools import partial
 
-if __package__ in (None, ""):  # run as a script (python finetune/finetune.py), as the official repo's users do
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    __package__ = "finetune"
+if not __package__:  # run as a script (python finetune/finetune.py, as with the official repo): run the module
+    import runpy
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not finetune/
+    runpy.run_module("finetune.finetune", run_name="__main__", alter_sys=True)
+    sys.exit()
 
-import torch  # noqa: E402
-from transformers import set_seed  # noqa: E402
+import torch
+from transformers import set_seed
 
-from . import distributed  # noqa: E402
-from .arguments import parse_args  # noqa: E402
-from .checkpoint import latest_complete_checkpoint, register_model_files, save_final  # noqa: E402
-from .cuda_graphs import CudaGraphRecording  # noqa: E402
-from .data.collator import collate  # noqa: E402
-from .data.conversation import ImageSettings  # noqa: E402
-from .data.dataset import ConversationDataset, ScanOptions, scan  # noqa: E402
-from .data.mixing import apply_weights, parse_sources  # noqa: E402
-from .data.records import RecordFile  # noqa: E402
-from .execution import apply_recompute, compile_blocks, upcast_trainable  # noqa: E402
-from .generation_eval import GenerationMetrics, generation_samples  # noqa: E402
-from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary  # noqa: E402
-from .plan import GIB, Hardware, ParameterCounts, Workload, deepspeed_config_for, fixed_from_args, make_plan, \
-    parse_gib  # noqa: E402
-from .trainer import MemoryReport, MiniCPMVTrainer  # noqa: E402
+from . import distributed
+from .arguments import parse_args
+from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
+from .cli import finetune_inputs, run
+from .cuda_graphs import CudaGraphRecording
+from .data.collator import collate
+from .data.conversation import ImageSettings
+from .data.dataset import ConversationDataset, ScanOptions, scan
+from .data.mixing import apply_weights, parse_sources
+from .data.records import RecordFile
+from .execution import apply_recompute, compile_blocks, upcast_trainable
+from .generation_eval import GenerationMetrics, generation_samples
+from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
+from .model_card import ModelCardCallback
+from .plan import GIB, Hardware, ParameterCounts, Workload, deepspeed_config_for, fixed_from_args, make_plan, parse_gib
+from .trainer import MemoryReport, MiniCPMVTrainer
 
 logger = logging.getLogger("finetune")
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,6 +107,7 @@ def main(argv=None, build_model=load_model):
     random weights of the same architecture."""
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, tune_args, training_args = parse_args(argv + distributed.prepare(argv))
+    finetune_inputs(model_args, data_args, training_args)  # paths and machine, before anything loads
     rank = distributed.start(training_args)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -157,6 +161,7 @@ def main(argv=None, build_model=load_model):
                                                     pad_to_multiple_of=plan.pad_to_multiple_of,
                                                     padding_free=plan.padding_free))
     trainer.add_callback(MemoryReport(plan.predicted_peak_gib))
+    trainer.add_callback(ModelCardCallback(model_args, data_args, tune_args, settings, datasets))  # README.md
     if plan.cuda_graphs and plan.micro_batch_size == 1:  # larger batches: shapes vary
         trainer.add_callback(CudaGraphRecording(trainer, plan.pad_to_multiple_of))
     if generate_samples:
@@ -178,5 +183,5 @@ def main(argv=None, build_model=load_model):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
     distributed.finish()

@@ -7,27 +7,31 @@ import torch
 
 from replace_file import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
 
+from .cli import UserError
+
 # MiniCPM's renamed Llama-3 special slots (checkpoint_spec §3.1): a tokenizer without them is not this model's.
 SPECIAL_TOKEN_IDS = {"<unk>": 128002, "<image>": 128010, "</image>": 128011, "<slice>": 128020, "</slice>": 128021,
                      "<|eot_id|>": 128009}
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(ValueError, UserError):
+    """A folder that is not a loadable MiniCPM-Llama3-V 2.5 checkpoint (entry points report it as one line)."""
 
 
 def read_config(path):
     """The checkpoint's config, after checking that the folder holds MiniCPM-Llama3-V 2.5."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise CheckpointError(f"{path}: no config.json, so this is not a model folder")
+        raise CheckpointError(f"{path}: no config.json, so this is not a model folder; give the folder of "
+                              "MiniCPM-Llama3-V 2.5 (config.json, *.safetensors, tokenizer files)")
     try:
         raw = json.load(open(config_file))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}: invalid JSON: {e}") from None
     found = f"model_type={raw.get('model_type')!r}, architectures={raw.get('architectures')}"
     if raw.get("model_type") != "minicpmv":
-        raise CheckpointError(f"{path} is not a MiniCPM-Llama3-V 2.5 checkpoint: found {found}")
+        raise CheckpointError(f"{path} is not a MiniCPM-Llama3-V 2.5 checkpoint: found {found}; give a folder of "
+                              "MiniCPM-Llama3-V 2.5 (openbmb/MiniCPM-Llama3-V-2_5) or of a finetune of it")
     version = str(raw["version"]) if "version" in raw else None
     if version is None and raw.get("hidden_size") == 2304 and raw.get("query_num") == 64:
         version = "2.0"  # the release without a version key is 2.5; 2.0 has these dimensions

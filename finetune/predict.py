@@ -11,11 +11,9 @@ shows at the start); a batch that does not fit in GPU memory is halved, and late
 Each sample's images go through the vision tower on their own, as chat() encodes them, so an answer never depends on
 the batch the sample is in (the vision tower attends to the padding of the strips it is given together).
 """
-import argparse
 import json
 import logging
 import os
-import sys
 
 import torch
 from tqdm import tqdm
@@ -23,6 +21,7 @@ from tqdm import tqdm
 from replace_file.image_processing_minicpmv import slice_plan
 from replace_file.modeling_minicpmv import decode_answer, pack_pixel_strips
 
+from .cli import Parser, input_file, model_folder, output_file, run
 from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
 from .data.dataset import placeholder_token_count
 from .data.mixing import data_files, source_key
@@ -191,11 +190,12 @@ def predict(model, tokenizer, data_path, output_path, batch_size=BATCH_SIZE, pro
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m finetune.predict", description=__doc__)
     parser.add_argument("--model", required=True, help="base, full or LoRA checkpoint folder")
     parser.add_argument("--base", help="base model folder for a LoRA adapter (default: the one it records)")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--data", required=True, help="test data: JSON/JSONL in the conversation format, several "
+                                                      "files separated by commas")
+    parser.add_argument("--output", required=True, help="predictions, JSONL (appended to: a rerun resumes)")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE,
                         help="samples generated together (halved automatically where they do not fit)")
     parser.add_argument("--num_workers", type=int, help="processes that read and slice images (default on a GPU: "
@@ -203,18 +203,21 @@ def main(argv=None):
                                                          "process)")
     parser.add_argument("--max_slice_nums", type=int, help="slice images into at most this many parts instead of the "
                                                             "model's slice_config (e.g. more for 4K screenshots)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--do_sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=0.8)
-    parser.add_argument("--top_k", type=int, default=100)
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest answer, in tokens")
+    parser.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of the most likely tokens")
+    parser.add_argument("--temperature", type=float, default=0.7, help="with --do_sample")
+    parser.add_argument("--top_p", type=float, default=0.8, help="with --do_sample")
+    parser.add_argument("--top_k", type=int, default=100, help="with --do_sample")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="above 1: fewer repeated tokens")
     args = parser.parse_args(argv)
+    model_folder(args.model, "--model", base=args.base)
     try:
-        data_files(args.data)
+        for path in data_files(args.data):
+            input_file(path, "--data")
     except ValueError as e:
         parser.error(str(e))
+    output_file(args.output, "--output")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device)
     model.eval()
@@ -229,4 +232,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

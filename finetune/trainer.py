@@ -10,14 +10,15 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from .cli import UserError
 from .data.collator import HOST_KEYS
 from .optimizer import MasterWeightAdamW
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RuntimeError, UserError):
+    """Names the step, the samples and the fix: reported as one line (finetune.cli)."""
 
 
 class OnHost:

@@ -2,6 +2,14 @@
 # How to run on the GPUs at hand (micro-batch, recomputation, compiled blocks, ZeRO stage, ...) is decided by
 # finetune.plan inside the run, and printed before the first step.
 
+# torchrun through finetune.launch: a run stopped by a mistake ends with its own message (DEBUG=1: tracebacks too);
+# with --help, what the script does, its environment and finetune.py's flags with the script's values as defaults
+LAUNCHER=(python3 -m finetune.launch --script "$(basename "$0")")
+if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
+    LAUNCHER+=(--help) MODEL=${MODEL:-'$MODEL'} DATA=${DATA:-'$DATA'} GPUS_PER_NODE=${GPUS_PER_NODE:-1}
+fi
+torchrun() { "${LAUNCHER[@]}" "$@"; }
+
 if [ -z "${MODEL:-}" ] && [ -z "${DATA:-}" ]; then  # nothing configured: the embedded demo, through this script
     exec python3 -m finetune.demo --script "$(basename "$0")" "$@"
 fi

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,24 @@ def encode(conformance, tokenizer, model):
         sample = conformance.samples[sample_id]
         return encode_conversation(sample["conversations"], [conformance.image(sample["image"])], tokenizer, settings)
     return _encode
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """`pytest -q` shows nothing while a test runs: name each slow test as it starts, and its time as it ends."""
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    if not (item.get_closest_marker("slow") and reporter and item.config.get_verbosity() <= 0):
+        return (yield)
+    own_line(reporter, f"{item.nodeid}: slow test running ...")
+    start = time.monotonic()
+    try:
+        return (yield)
+    finally:
+        own_line(reporter, f"{item.nodeid}: done in {time.monotonic() - start:.0f} s")
+
+
+def own_line(reporter, text):
+    reporter.ensure_newline()  # after a file's name (pytest without -q)
+    if reporter._tw.width_of_current_line:  # after -q's dots
+        reporter._tw.line()
+    reporter.write_line(text)

@@ -187,6 +187,10 @@ def test_zero1_accumulates_like_zero2_and_resumes_exactly(train_data, ckpt_dir, 
     for name, weight in load_file(zero2 / "model.safetensors").items():
         torch.testing.assert_close(trained[name], weight, atol=1e-5, rtol=1e-4)
     assert changed_parameters(zero1, ckpt_dir)
+    card = (zero1 / "README.md").read_text()  # a full finetune's model card (finetune.model_card), from 2 processes
+    assert "library_name: transformers" in card
+    assert "- Trained: in full: the LLM, the vision tower, the resampler\n" in card
+    assert "- Global batch: 4 samples per optimizer step (1 per process x 2 accumulated x 2 processes)" in card
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()

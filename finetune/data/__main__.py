@@ -1,42 +1,53 @@
-"""Data tools: `python -m finetune.data check DATA ...` (more subcommands: see --help)."""
-import argparse
+"""Data tools for MiniCPM-Llama3-V 2.5 finetuning: check data files before training, write synthetic GUI data,
+convert the GUICourse release. `python -m finetune.data COMMAND --help` describes each command."""
 import os
-import sys
 
+from ..cli import Parser, input_file, model_folder, output_folder, run
 from .records import DEFAULT_MAX_IMAGE_PIXELS
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m finetune.data")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m finetune.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    check = sub.add_parser("check", help="validate data files and print token statistics")
+    check = sub.add_parser("check", help="validate data files and print token statistics", description=(
+        "Validate data files as training would (every sample: structure, images, lengths) and print the problems\n"
+        "by kind, token statistics and a --model_max_length recommendation. Exit status 1 when a sample is bad."))
     check.add_argument("data", nargs="+", help="JSON or JSONL files in the conversation format, each with an optional "
                                                "weight as training takes them (a.jsonl:0.3 b.jsonl:2, or a.jsonl:0.3,"
                                                "b.jsonl:2): the fraction of the file used per epoch")
     check.add_argument("--model", help="model folder (tokenizer and slice settings); default: the released "
                                        "MiniCPM-Llama3-V 2.5 settings with the Llama-3 tokenizer")
-    check.add_argument("--model_max_length", type=int, default=2048)
+    check.add_argument("--model_max_length", type=int, default=2048, help="samples longer than this (in tokens, "
+                                                                         "image tokens included) are skipped")
     check.add_argument("--max_slice_nums", type=int, help="override the model's slice_config")
-    check.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    check.add_argument("--overlong", choices=["skip", "truncate"], default="skip")
+    check.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help="larger images are bad samples")
+    check.add_argument("--overlong", choices=["skip", "truncate"], default="skip",
+                       help="what training does with samples over --model_max_length")
     check.add_argument("--headers_only", action="store_true", help="read image headers only (faster; misses truncation)")
-    check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    synth = sub.add_parser("synth", help="write synthetic GUICourse-style data (answers only in the screenshots)")
-    synth.add_argument("out_dir")
-    synth.add_argument("--n", type=int, default=1000)
-    synth.add_argument("--seed", type=int, default=0)
+    synth = sub.add_parser("synth", help="write synthetic GUICourse-style data (answers only in the screenshots)",
+                           description="Write synthetic GUI screenshots and questions whose answers are only in the\n"
+                                       "images (OUT_DIR/data.jsonl and the PNGs): a smoke test for training.")
+    synth.add_argument("out_dir", help="folder to write (created if missing)")
+    synth.add_argument("--n", type=int, default=1000, help="samples")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
     synth.add_argument("--blank", action="store_true", help="blank screenshots (a control that cannot see the answer)")
 
-    convert = sub.add_parser("convert-guicourse", help="GUICourse release (JSON + parquet) -> conversation JSONL")
-    convert.add_argument("raw_dir")
-    convert.add_argument("out_dir")
-    convert.add_argument("--subsets", default="guienv,guiact-web-single,guiact-web-multi,guiact-smartphone,guichat")
+    convert = sub.add_parser("convert-guicourse", help="GUICourse release (JSON + parquet) -> conversation JSONL",
+                             description="Convert the GUICourse release as downloaded (*_data.json + "
+                                         "*_images.parquet in RAW_DIR)\ninto conversation JSONL files and PNG images "
+                                         "in OUT_DIR; a rerun resumes.")
+    convert.add_argument("raw_dir", help="folder with the release files")
+    convert.add_argument("out_dir", help="folder to write (created if missing)")
+    convert.add_argument("--subsets", default="guienv,guiact-web-single,guiact-web-multi,guiact-smartphone,guichat",
+                         help="comma-separated")
     convert.add_argument("--coords", choices=["paren", "space"], default="paren",
                          help="<box>(x1,y1),(x2,y2)</box> (MiniCPM-V finetune style) or <box>x1 y1 x2 y2</box>")
-    convert.add_argument("--split", choices=["train", "test"], default="train")
+    convert.add_argument("--split", choices=["train", "test"], default="train", help="which part of the release")
 
     spot = sub.add_parser("convert-screenspot", help="ScreenSpot, ScreenSpot-v2 or ScreenSpot-Pro (told by its files) "
                                                      "-> conversation JSONL for predict and evaluate")
@@ -47,19 +58,23 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     if args.command == "check":
+        from .mixing import parse_sources
+        for source in (s for arg in args.data for s in parse_sources(arg)):
+            input_file(source.path, "data file")
+        if args.model:
+            model_folder(args.model, "--model", adapters=False)
         from .check import run_check
         return run_check(args)
     if args.command == "convert-guicourse":
-        from .guicourse import SUBSETS, ReleaseError, convert
+        from .guicourse import SUBSETS, convert
         subsets = args.subsets.split(",")
         unknown = [s for s in subsets if s not in SUBSETS]
         if unknown:
             parser.error(f"unknown subsets {unknown}; choose from {', '.join(SUBSETS)}")
-        try:
-            report = convert(args.raw_dir, args.out_dir, subsets, args.split, args.coords)
-        except ReleaseError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        if not os.path.isdir(args.raw_dir):
+            parser.error(f"{args.raw_dir}: no such folder; give the folder holding the GUICourse release files")
+        output_folder(args.out_dir, "OUT_DIR")
+        report = convert(args.raw_dir, args.out_dir, subsets, args.split, args.coords)
         for subset, r in report.items():
             drops = {k: v for k, v in r.items() if k not in ("file", "written", "dropped")}
             print(f"{subset}: {r.get('written', 0)} samples -> {r['file']}" + (f"; dropped {drops}" if drops else ""))
@@ -67,13 +82,8 @@ def main(argv=None):
                 print(f"  dropped {uid}: {why}")
         return 0
     if args.command == "convert-screenspot":
-        from .guicourse import ReleaseError
         from .screenspot import convert
-        try:
-            report = convert(args.raw_dir, args.out_dir, args.coords)
-        except ReleaseError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        report = convert(args.raw_dir, args.out_dir, args.coords)  # a ReleaseError ends as one line (finetune.cli)
         platforms = ", ".join(f"{p} {n}" for p, n in sorted(report["platforms"].items()))
         print(f"{report['benchmark']}: {report['written']} samples ({platforms}) -> {report['file']}"
               + (f"; dropped {len(report['dropped'])}" if report["dropped"] else ""))
@@ -82,9 +92,10 @@ def main(argv=None):
         return 0
     if args.command == "synth":
         from .synth import write_synthetic
+        output_folder(args.out_dir, "OUT_DIR")
         print(f"wrote {args.n} samples to {write_synthetic(args.out_dir, args.n, args.seed, args.blank)}")
         return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -40,6 +40,11 @@ def summarise(result, model_max_length, seconds, sources=None):
     }
 
 
+def sample_label(item):
+    """A problem's sample as the report names it: its id, else its index (a line that is not JSON has no id)."""
+    return str(item["id"]) if item["id"] is not None else f"sample {item['index']}"
+
+
 def print_report(summary):
     s = summary
     print(f"\nchecked {s['samples']} samples in {len(s['files'])} file(s) in {s['seconds']} s: {s['valid']} valid, "
@@ -50,7 +55,7 @@ def print_report(summary):
     if s["problems"]:
         print("\nproblems:")
         for kind, items in sorted(s["problems"].items()):
-            ids = ", ".join(str(i["id"]) for i in items[:20]) + (" ..." if len(items) > 20 else "")
+            ids = ", ".join(sample_label(i) for i in items[:20]) + (" ..." if len(items) > 20 else "")
             print(f"  {kind} ({len(items)}): {ids}")
             for item in items[:3]:
                 print(f"    {item['problem']}")

@@ -19,6 +19,8 @@ from collections import Counter
 from PIL import Image
 from tqdm import tqdm
 
+from ..cli import UserError
+
 ENV_PROMPT = ("<image>\n## Your Task\nIf the input is a string, please give me the element regions including this string. "
               "Else if the input is a region, please give me the string (text) in this region.## Input\n{}\n## Output\n")
 SUBSETS = {  # name -> (annotation file, image parquet), {split} in the names
@@ -33,8 +35,8 @@ RELEASE_SPLIT = {"guienv": {"train": "train_stage2", "test": "test"}}  # SFT use
 CHUNK = 999
 
 
-class ReleaseError(ValueError):
-    pass
+class ReleaseError(ValueError, UserError):
+    """A release folder that lacks a file or column the conversion needs (reported as one line)."""
 
 
 class OutOfBounds(ValueError):

@@ -12,17 +12,20 @@ import os
 import numpy as np
 from PIL import Image
 
+from ..cli import UserError
+
 ROLES = ("system", "user", "assistant")
 IMAGE_TAG = "<image>"
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
-class SampleError(ValueError):
+class SampleError(ValueError, UserError):
     """A problem with one sample (or with the file, when index is None)."""
 
     def __init__(self, path, index, sample_id, kind, detail):
         self.path, self.index, self.sample_id, self.kind, self.detail = path, index, sample_id, kind, detail
-        where = f"{path}" if index is None else f"{path}: sample {index} (id {sample_id!r})"
+        where = path if index is None else f"{path}: sample {index}"
+        where += f" (id {sample_id!r})" if index is not None and sample_id is not None else ""
         super().__init__(f"{where}: {detail}")
 
     def __reduce__(self):  # picklable, so scan workers can send it back
