@@ -154,17 +154,18 @@ def flags_without_help(text):
 @pytest.mark.parametrize("main,argv,prog,flags", [
     (chat.main, [], "python -m finetune.chat", ["--image IMAGE", "--prompt PROMPT", "--greedy",
                                                  "longest answer, in tokens (default: 512)"]),
-    (predict.main, [], "python -m finetune.predict", ["--data DATA", "--output OUTPUT", "(default: 8)",
-                                                       "--repetition_penalty"]),
+    (predict.main, [], "python -m finetune.predict", ["--data DATA", "--output OUTPUT", "(default: 128)",
+                                                       "--max_slice_nums", "--repetition_penalty"]),
     (evaluate.main, [], "python -m finetune.evaluate", ["--predictions PREDICTIONS", "--elements", "--model_card"]),
     (merge_lora.main, [], "python -m finetune.merge_lora", ["--adapter ADAPTER", "--output OUTPUT", "--dtype"]),
     (restore_template.main, [], "python -m finetune.restore_template", ["CKPT"]),
     (demo.main, [], "python -m finetune.demo", ["--script", "the launch script that trains (default: finetune_lora.sh)",
                                                  "--output"]),
-    (data_main, [], "python -m finetune.data", ["check", "synth", "convert-guicourse"]),
+    (data_main, [], "python -m finetune.data", ["check", "synth", "convert-guicourse", "convert-screenspot"]),
     (data_main, ["check"], "python -m finetune.data check", ["--model MODEL", "(default: 2048)", "--headers_only"]),
     (data_main, ["synth"], "python -m finetune.data synth", ["out_dir", "--n N", "(default: 1000)", "--blank"]),
     (data_main, ["convert-guicourse"], "python -m finetune.data convert-guicourse", ["raw_dir", "--coords"]),
+    (data_main, ["convert-screenspot"], "python -m finetune.data convert-screenspot", ["raw_dir", "--coords"]),
 ])
 def test_every_tool_explains_itself_under_the_command_a_user_types(main, argv, prog, flags, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: one line per flag
@@ -190,7 +191,7 @@ def test_finetune_py_run_as_a_script_and_the_launch_scripts_explain_themselves()
     assert not flags_without_help(text)
     for script, values in (("finetune_lora.sh", ["LoRA rank (default: 64)", "(default: 0.0001)", "(default: $MODEL)",
                                                  "(default: output/lora)"]),
-                           ("finetune_ds.sh", ["(default: 1e-05)", "(default: ds_config_zero2.json)",
+                           ("finetune_ds.sh", ["(default: 1e-05)", "--tune_llm",
                                                "(default: output/full)"])):
         out = command(["bash", script, "--help"])
         assert out.returncode == 0, out.stdout[-3000:]

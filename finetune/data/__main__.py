@@ -52,7 +52,7 @@ def main(argv=None):
     spot = sub.add_parser("convert-screenspot", help="ScreenSpot, ScreenSpot-v2 or ScreenSpot-Pro (told by its files) "
                                                      "-> conversation JSONL for predict and evaluate")
     spot.add_argument("raw_dir", help="the release as downloaded (annotation JSON files and the images folder)")
-    spot.add_argument("out_dir")
+    spot.add_argument("out_dir", help="folder to write the benchmark's JSONL to")
     spot.add_argument("--coords", choices=["paren", "space"], default="paren",
                       help="<box>(x1,y1),(x2,y2)</box> (MiniCPM-V finetune style) or <box>x1 y1 x2 y2</box>")
 
