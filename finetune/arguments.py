@@ -207,6 +207,11 @@ def check(model_args, data_args, tune_args, training_args, given):
         check_cuda_graphs(data_args, tune_args, training_args)
     if data_args.overlong not in ("skip", "truncate") or data_args.on_bad_sample not in ("error", "skip"):
         raise SystemExit("--overlong takes skip|truncate, --on_bad_sample error|skip")
+    recompute_given = {"--checkpointing_modules", "--checkpointing_every_n_layers"} & given
+    if "--gradient_checkpointing" in given and not training_args.gradient_checkpointing and recompute_given and \
+            tune_args.checkpointing_modules != "none":
+        raise SystemExit(f"--gradient_checkpointing false and {' / '.join(sorted(recompute_given))} contradict each "
+                         "other: drop one (or say --checkpointing_modules none)")
     if tune_args.global_batch_size and {"--per_device_train_batch_size", "--gradient_accumulation_steps"} & given:
         raise SystemExit("--global_batch_size and --per_device_train_batch_size / --gradient_accumulation_steps "
                          "both set the global batch: give one or the other")

@@ -91,6 +91,17 @@ def test_given_flags_win_over_the_plan():
         make_plan(work, Hardware.named(3, 80), Fixed(global_batch_size=16))
 
 
+def test_flags_that_contradict_each_other_are_refused_with_the_fix(ckpt_dir):
+    from finetune.arguments import parse_args
+    base = ["--model_name_or_path", str(ckpt_dir), "--data_path", "unused.json", "--output_dir", "unused"]
+    with pytest.raises(SystemExit, match="--gradient_checkpointing false and --checkpointing_modules contradict"):
+        parse_args(base + ["--gradient_checkpointing", "false", "--checkpointing_modules", "llm"])
+    with pytest.raises(SystemExit, match="--global_batch_size and --per_device_train_batch_size"):
+        parse_args(base + ["--global_batch_size", "32", "--per_device_train_batch_size", "2"])
+    with pytest.raises(SystemExit, match="add --padding_free false to pad"):
+        parse_args(base + ["--padding_free", "true", "--pad_to_multiple_of", "64"])
+
+
 def test_a_budget_nothing_fits_is_refused_with_the_memory_that_would_fit():
     plan = make_plan(workload(False, True), Hardware.named(1, 24, "4090"))
     assert not plan.fits and "DOES NOT FIT" in plan.describe()
