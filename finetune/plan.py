@@ -430,12 +430,18 @@ def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons):
 
 def _suggestions(work, hw, smallest):
     need = smallest["peak"] / GIB + HEADROOM_GIB
-    out = [f"a GPU with at least {need:.0f} GiB (--gpu_memory_limit {need:.0f}GiB), or this plan's global batch on more GPUs"]
+    out = [f"a GPU with at least {math.ceil(need)} GiB (--gpu_memory_limit {math.ceil(need)}GiB)"]
+    budget = hw.memory_gib - HEADROOM_GIB
+    more = next((n for n in (2, 4, 8, 16, 32, 64) if n > hw.gpus and make_plan(
+        work, Hardware(n, hw.memory_gib, hw.bf16, hw.name, hw.peak_flops, hw.gpu),
+        Fixed(global_batch_size=max(DEFAULT_GLOBAL_BATCH, n)), budget).fits), None)
+    if more:
+        out.append(f"{more} GPUs of this size (ZeRO shares the weights and optimizer states among them)")
     if not work.use_lora:
         out.append("LoRA (bash finetune_lora.sh) instead of full finetuning")
     if work.tune_vision:
         out.append("a frozen vision tower (--tune_vision false)")
-    if hw.gpus == 1 or smallest["offload"] == "none":
+    if smallest["offload"] == "none":
         out.append("optimizer offload to the CPU (DeepSpeed ZeRO with offload_optimizer)")
     if work.use_lora and work.quantization == "none":
         out.append("4-bit base weights (--quantization nf4)")

@@ -107,6 +107,9 @@ def test_a_budget_nothing_fits_is_refused_with_the_memory_that_would_fit():
     assert not plan.fits and "DOES NOT FIT" in plan.describe()
     need = float(plan.suggestions[0].split("at least ")[1].split(" GiB")[0])
     assert need >= plan.predicted_peak_gib and any("LoRA" in s for s in plan.suggestions)
+    gpus = int(next(s for s in plan.suggestions if "GPUs of this size" in s).split()[0])
+    assert make_plan(workload(False, True), Hardware.named(gpus, 24, "4090"), Fixed(global_batch_size=16)).fits
+    assert not make_plan(workload(False, True), Hardware.named(gpus // 2, 24, "4090"), Fixed(global_batch_size=16)).fits
     assert make_plan(workload(False, True), Hardware.named(1, need, "GPU"), budget_gib=need).fits
 
 
