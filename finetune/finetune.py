@@ -23,7 +23,7 @@ from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import parse_args
-from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
+from .checkpoint import latest_complete_checkpoint, record_slicing, register_model_files, save_final
 from .data.collator import collate
 from .data.conversation import ImageSettings
 from .data.dataset import ConversationDataset, ScanOptions, scan
@@ -132,6 +132,7 @@ def main(argv=None, build_model=load_model):
     if data_args.padding_free and attn_implementation == "sdpa":
         attn_implementation = "sdpa_varlen"  # SDPA, and flash's variable-length kernel for concatenated samples
     model = build_model(path, dtype=dtype, attn_implementation=attn_implementation)
+    record_slicing(model, settings)
     model.config.use_cache = False
     if training_args.gradient_checkpointing:  # enabled here, per module, instead of by the Trainer
         enable_checkpointing(model, tune_args.checkpointing_modules, tune_args.checkpointing_every_n_layers,
