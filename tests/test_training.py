@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,37 +15,7 @@ from finetune.checkpoint import latest_complete_checkpoint, restore_template
 from finetune.data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 from finetune.model import load_any, load_model
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def train_data(conformance, tmp_path_factory):
-    """The fixture's samples with absolute image paths, interleaved with text-only ones: with sequential
-    sampling on 2 ranks, rank 1 sees only text, so a rank that skipped the vision tower would hang ZeRO-3."""
-    folder = tmp_path_factory.mktemp("data")
-    samples = []
-    for s in conformance.cases["samples"][:4]:
-        samples.append(dict(s, image=str(conformance.dir / "images" / s["image"])))
-        samples.append({"id": f"text_{s['id']}", "conversations": [{"role": "user", "content": "Say OK."},
-                                                                   {"role": "assistant", "content": "OK."}]})
-    (folder / "train.json").write_text(json.dumps(samples))
-    (folder / "eval.json").write_text(json.dumps(samples[:2]))
-    return folder
-
-
-def cpu_deepspeed_env(**extra):
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)  # any host
-
-
-def torchrun(args, ckpt_dir, timeout=600, nproc=2):
-    env = cpu_deepspeed_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29600 + os.getpid() % 300), "-m", "finetune.finetune", "--model_name_or_path", str(ckpt_dir),
-           "--report_to", "none", "--per_device_train_batch_size", "1", "--logging_steps", "1",
-           "--train_sampling_strategy", "sequential", "--dataloader_num_workers", "0"] + args
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
+from .conftest import REPO, cpu_deepspeed_env, torchrun
 
 
 def zero3_config(folder):
