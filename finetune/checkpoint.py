@@ -71,7 +71,8 @@ def save_final(trainer, output_dir):
     trainer.save_model(staging)
     if trainer.args.should_save:
         os.makedirs(output_dir, exist_ok=True)
-        names = sorted(os.listdir(staging), key=lambda n: n in ("config.json", "adapter_config.json"))
+        last = ("config.json", "adapter_config.json")  # what marks a model folder, then a LoRA folder
+        names = sorted(os.listdir(staging), key=lambda n: last.index(n) + 1 if n in last else 0)
         for name in names:
             target = os.path.join(output_dir, name)
             if os.path.isdir(target):
