@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
+from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
 

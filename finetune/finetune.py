@@ -22,6 +22,8 @@ import torch.utils.checkpoint
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from replace_file.modeling_minicpmv import SDPA_VARLEN
+
 from .arguments import parse_args
 from .checkpoint import latest_complete_checkpoint, record_slicing, register_model_files, save_final
 from .data.collator import collate
@@ -130,7 +132,7 @@ def main(argv=None, build_model=load_model):
     set_seed(training_args.seed)  # the new LoRA weights are drawn before the Trainer would seed
     attn_implementation = model_args.attn_implementation
     if data_args.padding_free and attn_implementation == "sdpa":
-        attn_implementation = "sdpa_varlen"  # SDPA, and flash's variable-length kernel for concatenated samples
+        attn_implementation = SDPA_VARLEN  # SDPA, and flash's variable-length kernel for concatenated samples
     model = build_model(path, dtype=dtype, attn_implementation=attn_implementation)
     record_slicing(model, settings)
     model.config.use_cache = False

@@ -6,10 +6,7 @@ import os
 import torch
 
 from replace_file import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
-
-# MiniCPM's renamed Llama-3 special slots (checkpoint_spec §3.1): a tokenizer without them is not this model's.
-SPECIAL_TOKEN_IDS = {"<unk>": 128002, "<image>": 128010, "</image>": 128011, "<slice>": 128020, "</slice>": 128021,
-                     "<|eot_id|>": 128009}
+from replace_file.tokenization_minicpmv_fast import SPECIAL_TOKENS
 
 
 class CheckpointError(ValueError):
@@ -62,11 +59,11 @@ def load_model(path, dtype=None, device=None, attn_implementation="sdpa", config
 def load_tokenizer(path):
     """The checkpoint's tokenizer through our class (the folder's own auto_map target may be absent or old)."""
     tokenizer = MiniCPMVTokenizerFast.from_pretrained(path)
-    wrong = {t: tokenizer.convert_tokens_to_ids(t) for t, i in SPECIAL_TOKEN_IDS.items()
+    wrong = {t: tokenizer.convert_tokens_to_ids(t) for i, t in SPECIAL_TOKENS.items()
              if tokenizer.convert_tokens_to_ids(t) != i}
     if wrong:
         raise CheckpointError(f"{path}: tokenizer is not MiniCPM-Llama3-V 2.5's: special tokens at other ids {wrong} "
-                              f"(expected {SPECIAL_TOKEN_IDS})")
+                              f"(expected {SPECIAL_TOKENS})")
     return tokenizer
 
 

@@ -13,11 +13,13 @@ import sys
 import torch
 from tqdm import tqdm
 
+from replace_file.modeling_minicpmv import decode_answer
+from replace_file.tokenization_minicpmv_fast import ASSISTANT_HEADER, IGNORE_INDEX
+
 from .data.collator import HOST_KEYS, collate
-from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
+from .data.conversation import ImageSettings, encode_conversation
 from .data.records import RecordFile, read_jsonl
 from .model import default_dtype, load_any
-from replace_file.modeling_minicpmv import decode_answer
 
 
 def prompt_example(record, index, records, tokenizer, settings):
@@ -29,7 +31,7 @@ def prompt_example(record, index, records, tokenizer, settings):
     example = encode_conversation(context, records.open_images(record, index), tokenizer, settings)
     header = torch.tensor(tokenizer(ASSISTANT_HEADER, add_special_tokens=False).input_ids)
     example["input_ids"] = torch.cat([example["input_ids"], header])
-    example["labels"] = torch.full_like(example["input_ids"], -100)
+    example["labels"] = torch.full_like(example["input_ids"], IGNORE_INDEX)
     return example
 
 

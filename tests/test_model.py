@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.data.collator import collate
 from finetune.model import CheckpointError, load_model
+from replace_file.modeling_minicpmv import SDPA_VARLEN
 
 
 @pytest.fixture()
@@ -76,7 +77,7 @@ def test_padding_free_batch_matches_the_padded_batch(ckpt_dir, batch, encode, co
     # each sample's first label is unsupervised (it always is: the prompt), so no loss crosses a boundary
     assert (batch["labels"][:, 0] == -100).all() and torch.equal(packed["labels"][0], batch["labels"][real])
     assert torch.equal(packed["image_bound"][0], torch.cat([b + s for b, s in zip(batch["image_bound"], starts)]))
-    model = load_model(ckpt_dir, dtype=torch.float32, attn_implementation="sdpa_varlen").train()
+    model = load_model(ckpt_dir, dtype=torch.float32, attn_implementation=SDPA_VARLEN).train()
     loss, grads = _gradients(model, batch)
     loss_packed, grads_packed = _gradients(model, packed)
     assert loss_packed == pytest.approx(loss, rel=1e-5)
@@ -97,7 +98,7 @@ def test_padding_free_on_a_gpu_runs_flash_varlen_compiled_without_recompiles(ckp
     from finetune.finetune import compile_blocks
 
     ids = conformance.expected["batches"][0]["ids"]
-    model = load_model(ckpt_dir, dtype=torch.bfloat16, device="cuda", attn_implementation="sdpa_varlen").train()
+    model = load_model(ckpt_dir, dtype=torch.bfloat16, device="cuda", attn_implementation=SDPA_VARLEN).train()
     loss, grads = _gradients(model, _on_gpu(batch))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         loss_packed, grads_packed = _gradients(model, _on_gpu(_padding_free(encode, ids)))

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from finetune.arguments import parse_args, translate_legacy_flags
 from finetune.checkpoint import latest_complete_checkpoint, restore_template
-from finetune.data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 from finetune.model import load_any, load_model
+from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 
 from .conftest import REPO, cpu_deepspeed_env, torchrun
 
