@@ -4,6 +4,8 @@ chat templates, and the label of positions the loss ignores.
 The official `tokenizer_config.json` names the class `PreTrainedTokenizerFastWrapper` and auto-maps it into
 `modeling_minicpmv.py`; that module re-exports this class under both names.
 """
+import logging
+
 from transformers import PreTrainedTokenizerFast
 
 # Llama-3's special slots as this model uses them: 13 reserved ones renamed by MiniCPM (checkpoint_spec §3.1),
@@ -21,6 +23,21 @@ TRAIN_CHAT_TEMPLATE = (
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 # What the released tokenizer_config.json holds; `chat()` relies on it ending with the assistant header.
 INFERENCE_CHAT_TEMPLATE = TRAIN_CHAT_TEMPLATE + "{{ '" + ASSISTANT_HEADER + "' }}"
+
+
+
+class _NotMistralsRegex(logging.Filter):
+    """transformers 5.17-5.22 warn "The tokenizer you are loading ... with an incorrect regex pattern ... This will
+    lead to incorrect tokenization" for any tokenizer whose folder's config.json lacks `transformers_version` (as
+    the folders finetune.official_format writes do), taking it for Mistral's. This tokenizer's regex is Llama-3's
+    own: its ids equal the official code's, and the `fix_mistral_regex=True` the warning suggests would split
+    numbers into single digits. So that one warning is dropped (later transformers no longer emit it here)."""
+
+    def filter(self, record):
+        return "with an incorrect regex pattern" not in record.getMessage()
+
+
+logging.getLogger("transformers.tokenization_utils_tokenizers").addFilter(_NotMistralsRegex())
 
 
 class MiniCPMVTokenizerFast(PreTrainedTokenizerFast):
