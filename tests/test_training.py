@@ -235,20 +235,6 @@ def test_padding_free_run_logs_the_padded_runs_losses(train_data, ckpt_dir, tmp_
         torch.testing.assert_close(packed[key], padded[key], atol=2e-5, rtol=1e-4, msg=key)
 
 
-def test_launch_rate_counts_each_epochs_shorter_last_step(train_data, ckpt_dir, tmp_path):
-    """bench/launch_script_rate.py on a real run's TensorBoard events: 8 samples in batches of 3 with 2
-    accumulation steps make an epoch of 2 steps, the second of one micro-batch; steps 2-4 are 4/3 epochs,
-    not 3 full steps."""
-    from bench.launch_script_rate import data_stats, rate
-    torchrun(["--data_path", str(train_data / "train.json"), "--use_lora", "true", "--lora_r", "4",
-              "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2", "--max_steps", "4",
-              "--save_strategy", "no", "--report_to", "tensorboard", "--output_dir", str(tmp_path)], ckpt_dir, nproc=1)
-    samples_per_epoch, flops_per_sample = data_stats(str(train_data / "train.json"))
-    result = rate(tmp_path, from_step=1, samples_per_epoch=samples_per_epoch)
-    assert samples_per_epoch == 8 and flops_per_sample > 0
-    assert result["steps"] == 3 and result["samples"] == pytest.approx(8 * 4 / 3)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_are_recorded_before_the_first_step(train_data, ckpt_dir, tmp_path, monkeypatch):
     """--cuda_graphs, one sample per step: every batch shape of the data is recorded before the first step, with
