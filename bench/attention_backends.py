@@ -4,7 +4,7 @@ the vision tower (32 images x 1032 patches, 16 heads of 72, no mask) and the LLM
 often the host blocks on the GPU (pageable copies and synchronisations), which stalls the launch queue, and the
 wall time of the first forward + backward at a sequence length not seen before (cuDNN builds plans per shape).
 
-    python bench/attention_backends.py --json bench/results/attention_backends_h100.json
+    python bench/attention_backends.py --json bench/results/DATE_h100x1_attention-backends.json
 """
 import argparse
 import json

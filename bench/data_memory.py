@@ -5,7 +5,7 @@ into our record buffer (time, RSS), the proportional set size (PSS: shared pages
 of each dataloader worker after it has read random samples, and the scan rate (samples/s per process, with
 image headers and exact token counts) from which the pre-training check time is extrapolated.
 
-    python bench/data_memory.py [--samples 750000] [--workers 4] [--json bench/results/data_memory.json]
+    python bench/data_memory.py [--samples 750000] [--workers 4] [--json bench/results/DATE_cpu_data-memory.json]
 """
 import argparse
 import json

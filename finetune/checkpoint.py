@@ -6,10 +6,13 @@ import os
 import re
 import shutil
 
+from peft import PeftModel
+from transformers import AutoModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
+
 from .cli import UserError
-from .data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: its presence marks a complete checkpoint
 
@@ -20,6 +23,29 @@ def register_model_files():
     MiniCPMVConfig.register_for_auto_class()
     MiniCPMV.register_for_auto_class("AutoModel")
     MiniCPMVTokenizerFast.register_for_auto_class("AutoTokenizer")
+
+
+def record_slicing(model, settings):
+    """Write the slicing training uses into the model's config, which every checkpoint saves (a LoRA folder
+    through `LoraFolderModel`): chat, predict and load then slice images as training did."""
+    model.config.slice_config = dict(model.config.slice_config, max_slice_nums=settings.max_slice_nums,
+                                     scale_resolution=settings.scale_resolution)
+
+
+class LoraFolderModel(PeftModel):
+    """A PeftModel whose folder also holds config.json, the model's config as trained (its slicing), which
+    `finetune.load` applies to the base, and an auto mapping that peft's `AutoPeftModel` can follow."""
+
+    def _get_base_model_class(self, is_prompt_tuning=False):
+        # what peft records as the adapter's auto mapping: transformers' AutoModel, which loads the base folder
+        # through its auto_map (our model files copied beside its config.json); peft would record our module,
+        # which AutoPeftModel's import allowlist refuses
+        return AutoModel
+
+    def save_pretrained(self, save_directory, is_main_process=True, **kwargs):
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            self.get_base_model().config.save_pretrained(save_directory)
 
 
 def latest_complete_checkpoint(output_dir):
@@ -50,7 +76,8 @@ def save_final(trainer, output_dir):
         from .model_card import write_card
         write_card(trainer, staging)  # in place of peft's placeholder
         os.makedirs(output_dir, exist_ok=True)
-        names = sorted(os.listdir(staging), key=lambda n: n in ("config.json", "adapter_config.json"))
+        last = ("config.json", "adapter_config.json")  # what marks a model folder, then a LoRA folder
+        names = sorted(os.listdir(staging), key=lambda n: last.index(n) + 1 if n in last else 0)
         for name in names:
             target = os.path.join(output_dir, name)
             if os.path.isdir(target):

@@ -27,9 +27,11 @@ if not __package__:  # run as a script (python finetune/finetune.py, as with the
 import torch
 from transformers import set_seed
 
+from replace_file.modeling_minicpmv import SDPA_VARLEN
+
 from . import distributed
 from .arguments import parse_args
-from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
+from .checkpoint import latest_complete_checkpoint, record_slicing, register_model_files, save_final
 from .cli import finetune_inputs, run
 from .cuda_graphs import CudaGraphRecording
 from .data.collator import collate
@@ -138,8 +140,9 @@ def main(argv=None, build_model=load_model):
     set_seed(training_args.seed)  # the new LoRA weights are drawn before the Trainer would seed
     attn_implementation = model_args.attn_implementation
     if plan.padding_free and attn_implementation == "sdpa":
-        attn_implementation = "sdpa_varlen"  # SDPA, and flash's variable-length kernel for concatenated samples
+        attn_implementation = SDPA_VARLEN  # SDPA, and flash's variable-length kernel for concatenated samples
     model = build_model(path, dtype=dtype, attn_implementation=attn_implementation)
+    record_slicing(model, settings)
     model.config.use_cache = False
     model = configure_trainable(model, tune_args)
     apply_recompute(model, plan.recompute, plan.recompute_every_n_layers, training_args.gradient_checkpointing_kwargs)

@@ -1,21 +1,22 @@
 """python -m finetune.merge_lora --adapter PATH --output DIR [--base BASE] [--dtype float16|bfloat16|float32]
 
 Folds a LoRA adapter (and the modules it trained in full) into its base model and writes a full checkpoint in
-the official layout, with the adapter's tokenizer files (inference chat template) and our model files.
+the official layout, with the adapter's tokenizer files (inference chat template), the slicing training used
+and our model files.
 """
 import torch
 
 from .checkpoint import register_model_files
 from .cli import Parser, UserError, model_folder, output_folder, run
-from .model import is_lora_folder, load_any
+from .model import is_lora_folder, load_any, read_config
 from .model_card import write_merged_card
 
 
 def merge(adapter, output, base=None, dtype=None):
     model, tokenizer = load_any(adapter, base=base, dtype=torch.float32)  # merge in fp32, save in dtype
     base = model.peft_config["default"].base_model_name_or_path if base is None else base
+    dtype = dtype or read_config(base).dtype or torch.float16
     merged = model.merge_and_unload()
-    dtype = dtype or merged.config.dtype or torch.float16
     register_model_files()
     merged.to(dtype).save_pretrained(output)
     tokenizer.save_pretrained(output)

@@ -6,12 +6,9 @@ import os
 import torch
 
 from replace_file import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
+from replace_file.tokenization_minicpmv_fast import SPECIAL_TOKENS
 
 from .cli import UserError
-
-# MiniCPM's renamed Llama-3 special slots (checkpoint_spec §3.1): a tokenizer without them is not this model's.
-SPECIAL_TOKEN_IDS = {"<unk>": 128002, "<image>": 128010, "</image>": 128011, "<slice>": 128020, "</slice>": 128021,
-                     "<|eot_id|>": 128009}
 
 
 class CheckpointError(ValueError, UserError):
@@ -47,9 +44,10 @@ def default_dtype():
     return torch.float32
 
 
-def load_model(path, dtype=None, device=None, attn_implementation="sdpa"):
-    """The model in `dtype` (default bf16 on a GPU that has it, else fp32), strictly loaded."""
-    config = read_config(path)
+def load_model(path, dtype=None, device=None, attn_implementation="sdpa", config=None):
+    """The model in `dtype` (default bf16 on a GPU that has it, else fp32), strictly loaded; `config` (default:
+    the folder's) replaces the folder's config."""
+    config = config or read_config(path)
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
                               "weights are loaded)")
@@ -65,11 +63,11 @@ def load_model(path, dtype=None, device=None, attn_implementation="sdpa"):
 def load_tokenizer(path):
     """The checkpoint's tokenizer through our class (the folder's own auto_map target may be absent or old)."""
     tokenizer = MiniCPMVTokenizerFast.from_pretrained(path)
-    wrong = {t: tokenizer.convert_tokens_to_ids(t) for t, i in SPECIAL_TOKEN_IDS.items()
+    wrong = {t: tokenizer.convert_tokens_to_ids(t) for i, t in SPECIAL_TOKENS.items()
              if tokenizer.convert_tokens_to_ids(t) != i}
     if wrong:
         raise CheckpointError(f"{path}: tokenizer is not MiniCPM-Llama3-V 2.5's: special tokens at other ids {wrong} "
-                              f"(expected {SPECIAL_TOKEN_IDS})")
+                              f"(expected {SPECIAL_TOKENS})")
     return tokenizer
 
 
@@ -79,17 +77,19 @@ def is_lora_folder(path):
 
 def load_any(path, base=None, dtype=None, device=None, attn_implementation="sdpa"):
     """A base or full checkpoint, or a LoRA adapter folder on its base (`base`, else the path recorded in
-    adapter_config.json). Returns (model, tokenizer); the tokenizer comes from the folder when it has one."""
+    adapter_config.json). Returns (model, tokenizer); the tokenizer and the config (the slicing training used)
+    come from the adapter folder when it has them."""
     if not is_lora_folder(path):
         return load_model(path, dtype, device, attn_implementation), load_tokenizer(path)
     from peft import PeftModel
     base = base or json.load(open(os.path.join(path, "adapter_config.json")))["base_model_name_or_path"]
     if not base or not os.path.isdir(base):
         raise CheckpointError(f"{path} is a LoRA adapter whose base model folder {base!r} is not here; pass the base")
-    model = PeftModel.from_pretrained(load_model(base, dtype, None, attn_implementation), path)
-    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    has = {name: os.path.isfile(os.path.join(path, name)) for name in ("config.json", "tokenizer.json")}
+    config = read_config(path if has["config.json"] else base)
+    model = PeftModel.from_pretrained(load_model(base, dtype, None, attn_implementation, config), path)
     model = model.to(device) if device is not None else model
-    return model, load_tokenizer(path if has_tokenizer else base)
+    return model, load_tokenizer(path if has["tokenizer.json"] else base)
 
 
 def configure_trainable(model, tune):
@@ -101,14 +101,17 @@ def configure_trainable(model, tune):
         model.vpm.requires_grad_(tune.tune_vision)
         model.resampler.requires_grad_(tune.tune_resampler)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from .checkpoint import LoraFolderModel
     in_full = [name for name, wanted in (("resampler", tune.tune_resampler), ("vpm", tune.tune_vision),
                                          ("embed_tokens", tune.tune_embed_tokens)) if wanted]
     config = LoraConfig(r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
-                        target_modules=tune.lora_target_modules, modules_to_save=in_full or None)
+                        target_modules=tune.lora_target_modules, modules_to_save=in_full or None,
+                        base_model_name_or_path=model.name_or_path)
     model.requires_grad_(False)
     # adapters in the model's dtype: precision of the update is the optimizer's business (fp32 masters)
-    model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    model = LoraFolderModel(model, config, autocast_adapter_dtype=False)
     release_frozen_originals(model, keep=("embed_tokens",))
     return model
 

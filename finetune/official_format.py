@@ -6,12 +6,8 @@ import importlib.util
 import json
 import os
 
-from .data.conversation import INFERENCE_CHAT_TEMPLATE
+from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, SPECIAL_TOKENS
 
-# MiniCPM's names for 13 reserved Llama-3 slots (checkpoint_spec §3.1).
-MINICPM_SPECIAL_TOKENS = {128002: "<unk>", 128010: "<image>", 128011: "</image>", 128012: "<ref>", 128013: "</ref>",
-                          128014: "<box>", 128015: "</box>", 128016: "<quad>", 128017: "</quad>", 128018: "<point>",
-                          128019: "</point>", 128020: "<slice>", 128021: "</slice>"}
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "!", "<unk>"
 
 # The released config.json (checkpoint_spec §1.1), the dimensions of the real 8.5 B model.
@@ -45,7 +41,7 @@ def write_tokenizer(out_dir):
     plus tokenizer_config.json / special_tokens_map.json as released (inference template)."""
     tok = json.load(open(llama3_tokenizer_json(), encoding="utf-8"))
     for added in tok["added_tokens"]:
-        added["content"] = MINICPM_SPECIAL_TOKENS.get(added["id"], added["content"])
+        added["content"] = SPECIAL_TOKENS.get(added["id"], added["content"])
     bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
     tok["post_processor"] = {"type": "Sequence", "processors": [
         {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},

@@ -18,11 +18,12 @@ import os
 import torch
 from tqdm import tqdm
 
-from replace_file.image_processing_minicpmv import slice_plan
-from replace_file.modeling_minicpmv import decode_answer, pack_pixel_strips
+from replace_file.image_processing_minicpmv import pack_pixel_strips, slice_plan
+from replace_file.modeling_minicpmv import decode_answer
+from replace_file.tokenization_minicpmv_fast import ASSISTANT_HEADER
 
 from .cli import Parser, input_file, model_folder, output_file, run
-from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
+from .data.conversation import ImageSettings, encode_conversation
 from .data.dataset import placeholder_token_count
 from .data.mixing import data_files, source_key
 from .data.records import RecordFile, open_image, read_jsonl

@@ -97,6 +97,12 @@ def to_pixel_strip(image, patch_size=14):
     return patches.permute(0, 1, 3, 2).reshape(3, patch_size, -1)
 
 
+def pack_pixel_strips(strips):
+    """Right-zero-pad [3, P, L*P] strips to the longest and stack: [N, 3, P, Lmax*P]."""
+    longest = max(s.shape[-1] for s in strips)
+    return torch.stack([torch.nn.functional.pad(s, (0, longest - s.shape[-1])) for s in strips])
+
+
 @dataclass
 class ProcessedImage:
     pixel_values: list   # [3, patch, L * patch] per unit (source, then slices)

@@ -27,11 +27,10 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPas
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
 
 from .configuration_minicpm import MiniCPMVConfig
-from .image_processing_minicpmv import image_bounds, process_image
+from .image_processing_minicpmv import image_bounds, pack_pixel_strips, process_image
 from .resampler import Resampler, ResamplerAttention
+from .tokenization_minicpmv_fast import IGNORE_INDEX
 from .tokenization_minicpmv_fast import MiniCPMVTokenizerFast, PreTrainedTokenizerFastWrapper  # noqa: F401 (auto_map)
-
-IGNORE_INDEX = -100
 
 
 @lru_cache(maxsize=64)
@@ -46,12 +45,16 @@ def _strip_position_ids(rows, cols, num_patches_per_side, device):
     return (bucket_h[:, None] * num_patches_per_side + bucket_w).flatten().to(device)
 
 
+# The attention implementation this module registers with transformers, by name (`attn_implementation=...`).
+SDPA_VARLEN = "sdpa_varlen"
+
+
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """SDPA, except for padding-free batches on the GPU: there the samples concatenated in one row (boundaries in
     `cu_seq_lens_q`) go through flash attention's variable-length kernel, each attending causally within itself.
     Elsewhere SDPA applies the block-causal mask transformers builds from the restarting position ids: the same
-    math. Registered as attn_implementation "sdpa_varlen" (with SDPA's masks for every other batch)."""
+    math. Registered as attn_implementation SDPA_VARLEN (with SDPA's masks for every other batch)."""
     if cu_seq_lens_q is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -62,8 +65,8 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     return out[None], None
 
 
-AttentionInterface.register("sdpa_varlen", sdpa_varlen_attention)
-AttentionMaskInterface.register("sdpa_varlen", sdpa_mask)
+AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)
 
 
 class StripVisionEmbeddings(Idefics2VisionEmbeddings):
@@ -90,12 +93,6 @@ class StripVisionTransformer(Idefics2VisionTransformer):
             raise ValueError("MiniCPM-Llama3-V 2.5 feeds its vision tower an all-true patch mask: pass none")
         hidden = self.encoder(inputs_embeds=self.embeddings(pixel_values), **kwargs).last_hidden_state
         return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden))
-
-
-def pack_pixel_strips(strips):
-    """Right-zero-pad [3, P, L*P] strips to the longest and stack: [N, 3, P, Lmax*P]."""
-    longest = max(s.shape[-1] for s in strips)
-    return torch.stack([F.pad(s, (0, longest - s.shape[-1])) for s in strips])
 
 
 class MiniCPMV(PreTrainedModel):

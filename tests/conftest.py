@@ -1,4 +1,4 @@
-"""Shared fixtures. The conformance fixture (what the official code computed on a tiny checkpoint in the
+"""Shared fixtures and the tiny-training helpers. The conformance fixture (what the official code computed on a tiny checkpoint in the
 official format) comes from CONFORMANCE_DIR (default ../shared/conformance); its checkpoint from
 CONFORMANCE_CKPT, or is built once by the fixture's own make_checkpoint.py into .cache/."""
 import hashlib
@@ -101,3 +101,32 @@ def own_line(reporter, text):
     if reporter._tw.width_of_current_line:  # after -q's dots
         reporter._tw.line()
     reporter.write_line(text)
+@pytest.fixture(scope="session")
+def train_data(conformance, tmp_path_factory):
+    """The fixture's samples with absolute image paths, interleaved with text-only ones: with sequential
+    sampling on 2 ranks, rank 1 sees only text, so a rank that skipped the vision tower would hang ZeRO-3."""
+    folder = tmp_path_factory.mktemp("data")
+    samples = []
+    for s in conformance.cases["samples"][:4]:
+        samples.append(dict(s, image=str(conformance.dir / "images" / s["image"])))
+        samples.append({"id": f"text_{s['id']}", "conversations": [{"role": "user", "content": "Say OK."},
+                                                                   {"role": "assistant", "content": "OK."}]})
+    (folder / "train.json").write_text(json.dumps(samples))
+    (folder / "eval.json").write_text(json.dumps(samples[:2]))
+    return folder
+
+
+def cpu_deepspeed_env(**extra):
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)  # any host
+
+
+def torchrun(args, ckpt_dir, timeout=600, nproc=2):
+    """finetune.finetune under torchrun on CPU processes (DeepSpeed on the CPU when the args name a config)."""
+    env = cpu_deepspeed_env()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29600 + os.getpid() % 300), "-m", "finetune.finetune", "--model_name_or_path", str(ckpt_dir),
+           "--report_to", "none", "--per_device_train_batch_size", "1", "--logging_steps", "1",
+           "--train_sampling_strategy", "sequential", "--dataloader_num_workers", "0"] + args
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out

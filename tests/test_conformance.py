@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from finetune.data.collator import collate
-from replace_file.image_processing_minicpmv import slice_plan
-from replace_file.modeling_minicpmv import pack_pixel_strips
+from replace_file.image_processing_minicpmv import pack_pixel_strips, slice_plan
 
 from .conftest import conformance_sample_ids
 

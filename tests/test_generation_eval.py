@@ -10,7 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from finetune.arguments import parse_args
 from finetune.generation_eval import generation_samples
-from tests.test_training import REPO, cpu_deepspeed_env, torchrun, zero3_config
+from .conftest import REPO, cpu_deepspeed_env, torchrun
+from .test_training import zero3_config
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """The model's training-side behaviour and its loading errors, on the fixture checkpoint."""
 import contextlib
+import io
 import json
+import logging
 import shutil
 
 import pytest
@@ -10,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.data.collator import collate
 from finetune.model import CheckpointError, load_model
+from replace_file.modeling_minicpmv import SDPA_VARLEN
 
 
 @pytest.fixture()
@@ -76,7 +79,7 @@ def test_padding_free_batch_matches_the_padded_batch(ckpt_dir, batch, encode, co
     # each sample's first label is unsupervised (it always is: the prompt), so no loss crosses a boundary
     assert (batch["labels"][:, 0] == -100).all() and torch.equal(packed["labels"][0], batch["labels"][real])
     assert torch.equal(packed["image_bound"][0], torch.cat([b + s for b, s in zip(batch["image_bound"], starts)]))
-    model = load_model(ckpt_dir, dtype=torch.float32, attn_implementation="sdpa_varlen").train()
+    model = load_model(ckpt_dir, dtype=torch.float32, attn_implementation=SDPA_VARLEN).train()
     loss, grads = _gradients(model, batch)
     loss_packed, grads_packed = _gradients(model, packed)
     assert loss_packed == pytest.approx(loss, rel=1e-5)
@@ -97,7 +100,7 @@ def test_padding_free_on_a_gpu_runs_flash_varlen_compiled_without_recompiles(ckp
     from finetune.execution import compile_blocks
 
     ids = conformance.expected["batches"][0]["ids"]
-    model = load_model(ckpt_dir, dtype=torch.bfloat16, device="cuda", attn_implementation="sdpa_varlen").train()
+    model = load_model(ckpt_dir, dtype=torch.bfloat16, device="cuda", attn_implementation=SDPA_VARLEN).train()
     loss, grads = _gradients(model, _on_gpu(batch))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         loss_packed, grads_packed = _gradients(model, _on_gpu(_padding_free(encode, ids)))
@@ -289,3 +292,28 @@ def test_vision_tower_refuses_a_patch_mask(model, batch):
     pixels = batch["pixel_values"][:1]
     with pytest.raises(ValueError, match="all-true patch mask"):
         model.vpm(pixels, patch_attention_mask=torch.ones(1, 1, pixels.shape[-1] // 14, dtype=torch.bool))
+
+
+def test_tokenizer_loads_without_the_false_mistral_regex_warning_and_encodes_as_official(conformance, tmp_path):
+    """transformers 5.17-5.22 warn of "an incorrect regex pattern" that "will lead to incorrect tokenization" for
+    a tokenizer whose config.json has no transformers_version, as the folders official_format writes: false for
+    Llama-3's regex. Loaded from such a folder, the tokenizer logs no such warning and gives the official ids;
+    the warning's text, sent where transformers sends it, is dropped while that module's other warnings pass."""
+    from finetune.model import load_tokenizer
+    from finetune.official_format import official_config, write_config, write_tokenizer
+    logged = io.StringIO()
+    handler = logging.StreamHandler(logged)
+    logging.getLogger("transformers").addHandler(handler)  # what transformers' own handler would print
+    try:
+        write_config(tmp_path, official_config())
+        write_tokenizer(tmp_path)
+        tokenizer = load_tokenizer(tmp_path)
+        logger = logging.getLogger("transformers.tokenization_utils_tokenizers")
+        logger.warning(f"The tokenizer you are loading from '{tmp_path}' with an incorrect regex pattern: "
+                       "https://hf.co/x. This will lead to incorrect tokenization.")
+        logger.warning("another tokenizer warning")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert "incorrect regex pattern" not in logged.getvalue() and "another tokenizer warning" in logged.getvalue()
+    for sample in conformance.expected["samples"].values():
+        assert tokenizer(sample["text"], add_special_tokens=False).input_ids == sample["input_ids"]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from finetune.data.synth import cell_box, write_synthetic
 from finetune.report import GOLD, PREDICTED
-from tests.test_training import torchrun, train_data  # noqa: F401 (train_data is a fixture)
+from .conftest import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = (1280, 2400)

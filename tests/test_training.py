@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,40 +12,10 @@ from safetensors.torch import load_file
 
 from finetune.arguments import parse_args, translate_legacy_flags
 from finetune.checkpoint import latest_complete_checkpoint, restore_template
-from finetune.data.conversation import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 from finetune.model import load_any, load_model
+from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def train_data(conformance, tmp_path_factory):
-    """The fixture's samples with absolute image paths, interleaved with text-only ones: with sequential
-    sampling on 2 ranks, rank 1 sees only text, so a rank that skipped the vision tower would hang ZeRO-3."""
-    folder = tmp_path_factory.mktemp("data")
-    samples = []
-    for s in conformance.cases["samples"][:4]:
-        samples.append(dict(s, image=str(conformance.dir / "images" / s["image"])))
-        samples.append({"id": f"text_{s['id']}", "conversations": [{"role": "user", "content": "Say OK."},
-                                                                   {"role": "assistant", "content": "OK."}]})
-    (folder / "train.json").write_text(json.dumps(samples))
-    (folder / "eval.json").write_text(json.dumps(samples[:2]))
-    return folder
-
-
-def cpu_deepspeed_env(**extra):
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)  # any host
-
-
-def torchrun(args, ckpt_dir, timeout=600, nproc=2):
-    env = cpu_deepspeed_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29600 + os.getpid() % 300), "-m", "finetune.finetune", "--model_name_or_path", str(ckpt_dir),
-           "--report_to", "none", "--per_device_train_batch_size", "1", "--logging_steps", "1",
-           "--train_sampling_strategy", "sequential", "--dataloader_num_workers", "0"] + args
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
+from .conftest import REPO, cpu_deepspeed_env, torchrun
 
 
 def zero3_config(folder):
@@ -283,20 +252,6 @@ def test_padding_free_run_logs_the_padded_runs_losses(train_data, ckpt_dir, tmp_
     assert padded.keys() == packed.keys()
     for key in padded:  # within 1 % of the two steps' movement (2e-3): Adam scales up fp32 summation-order noise
         torch.testing.assert_close(packed[key], padded[key], atol=2e-5, rtol=1e-4, msg=key)
-
-
-def test_launch_rate_counts_each_epochs_shorter_last_step(train_data, ckpt_dir, tmp_path):
-    """bench/launch_script_rate.py on a real run's TensorBoard events: 8 samples in batches of 3 with 2
-    accumulation steps make an epoch of 2 steps, the second of one micro-batch; steps 2-4 are 4/3 epochs,
-    not 3 full steps."""
-    from bench.launch_script_rate import data_stats, rate
-    torchrun(["--data_path", str(train_data / "train.json"), "--use_lora", "true", "--lora_r", "4",
-              "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2", "--max_steps", "4",
-              "--save_strategy", "no", "--report_to", "tensorboard", "--output_dir", str(tmp_path)], ckpt_dir, nproc=1)
-    samples_per_epoch, flops_per_sample = data_stats(str(train_data / "train.json"))
-    result = rate(tmp_path, from_step=1, samples_per_epoch=samples_per_epoch)
-    assert samples_per_epoch == 8 and flops_per_sample > 0
-    assert result["steps"] == 3 and result["samples"] == pytest.approx(8 * 4 / 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -3,9 +3,8 @@ every sample in one packed tensor."""
 import torch
 import torch.nn.functional as F
 
-from replace_file.modeling_minicpmv import pack_pixel_strips
-
-from .conversation import IGNORE_INDEX
+from replace_file.image_processing_minicpmv import pack_pixel_strips
+from replace_file.tokenization_minicpmv_fast import IGNORE_INDEX
 
 # Batch entries the model reads on the host (image spans, patch grids): they stay on the CPU, since reading
 # them from the GPU would synchronise it.

@@ -9,18 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from replace_file.image_processing_minicpmv import image_bounds, process_image
+from replace_file.tokenization_minicpmv_fast import IGNORE_INDEX, TRAIN_CHAT_TEMPLATE
 
 from .records import IMAGE_TAG
-
-IGNORE_INDEX = -100
-# The checkpoint's inference template without the trailing assistant header (the official training template).
-TRAIN_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
-    "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}")
-ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-# What the released tokenizer_config.json holds; `chat()` relies on it ending with the assistant header.
-INFERENCE_CHAT_TEMPLATE = TRAIN_CHAT_TEMPLATE + "{{ '" + ASSISTANT_HEADER + "' }}"
 
 
 @dataclass(frozen=True)

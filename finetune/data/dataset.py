@@ -13,9 +13,10 @@ import numpy as np
 from tqdm import tqdm
 
 from replace_file.image_processing_minicpmv import image_placeholder, slice_plan
+from replace_file.tokenization_minicpmv_fast import IGNORE_INDEX
 
 from .collator import padded_length
-from .conversation import IGNORE_INDEX, encode_conversation, tokenize_conversation
+from .conversation import encode_conversation, tokenize_conversation
 from .records import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TAG, RecordFile, SampleError, validate_record
 
 logger = logging.getLogger(__name__)
