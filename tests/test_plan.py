@@ -64,9 +64,9 @@ def test_every_plan_fits_its_budget_and_tighter_budgets_never_get_more(gpus, use
 
 
 def test_plans_on_one_gpu_match_what_was_measured_on_an_h200():
-    """The plan the launch script printed for each memory limit on an H200 (bench/results/plan_h200_launch_script.*),
+    """The plan the launch script printed for each memory limit on an H200 (bench/results/2026-12-03_h200x1_plan_lora_limits_script.*),
     and its predicted peak within 10 % of the measured one."""
-    runs = [json.loads(line) for line in (REPO / "bench/results/plan_h200_launch_script.jsonl").read_text().splitlines()]
+    runs = [json.loads(line) for line in (REPO / "bench/results/2026-12-03_h200x1_plan_lora_limits_script.jsonl").read_text().splitlines()]
     limits = {"": None, "24GiB": 24, "40GiB": 40, "48GiB": 48, "80GiB": 80}
     for run in runs:
         work = workload(tune_vision=run["tune_vision"] == "true")
