@@ -9,7 +9,8 @@ Order of setup, and why:
 3. the model, after the TrainingArguments exist, so that under ZeRO-3 it is created partitioned;
 4. gradient checkpointing on the chosen modules (non-reentrant, so frozen embeddings need no gradients), then
    trainable modules / LoRA;
-5. train (resuming from the newest *complete* checkpoint when asked), then save the final folder atomically.
+5. train, continuing from the newest *complete* checkpoint of the same run by default (finetune.checkpoint), and
+   stopping with a saved checkpoint on SIGTERM/SIGUSR1 (finetune.preemption); then save the final folder atomically.
 """
 import gc
 import logging
@@ -23,12 +24,13 @@ from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .arguments import parse_args
-from .checkpoint import latest_complete_checkpoint, register_model_files, save_final
+from .checkpoint import register_model_files, resolve_resume, run_fingerprint, save_final
 from .data.collator import collate
 from .data.conversation import ImageSettings
 from .data.dataset import ConversationDataset, ScanOptions, scan
 from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
 from .cuda_graphs import CudaGraphRecording, enable_cuda_graphs
+from .preemption import StopOnSignal
 from .trainer import MiniCPMVTrainer
 
 logger = logging.getLogger("finetune")
@@ -111,6 +113,8 @@ def main(argv=None, build_model=load_model):
     model_args, data_args, tune_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    fingerprint = run_fingerprint(model_args, data_args, tune_args, training_args)
+    resume = resolve_resume(training_args, fingerprint)  # stops here if the checkpoint is from other settings
     path = model_args.model_name_or_path
     tokenizer, config = load_tokenizer(path), read_config(path)
     settings = ImageSettings.from_config(config, data_args.max_slice_nums)
@@ -149,7 +153,7 @@ def main(argv=None, build_model=load_model):
     logger.info(trainable_summary(model))
     register_model_files()
 
-    trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights,
+    trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights, run_fingerprint=fingerprint,
                               cuda_graphs=tune_args.cuda_graphs,
                               moments_dtype=getattr(torch, tune_args.optimizer_moments_dtype),
                               train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
@@ -158,13 +162,11 @@ def main(argv=None, build_model=load_model):
                                                     padding_free=data_args.padding_free))
     if tune_args.cuda_graphs and training_args.per_device_train_batch_size == 1:  # larger batches: shapes vary
         trainer.add_callback(CudaGraphRecording(trainer, data_args.pad_to_multiple_of))
-    resume = training_args.resume_from_checkpoint
-    if resume in ("true", "True", "auto", "latest"):
-        resume = latest_complete_checkpoint(training_args.output_dir)
-        logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
+    trainer.add_callback(stop := StopOnSignal())
     gc.collect()
     gc.freeze()  # the long-lived setup objects leave the collector's view: no multi-second full collections
     trainer.train(resume_from_checkpoint=resume)
+    stop.exit_if_stopped(trainer)  # stopped on a signal: the checkpoint is saved, the final folder is not
     save_final(trainer, training_args.output_dir)
     if training_args.process_index == 0:
         print("\n".join(summaries + [f"saved to {training_args.output_dir}"]))
