@@ -58,16 +58,21 @@ def checkpoint_folders(output_dir):
     return folders
 
 
-def is_complete(folder):
-    """Whether the save of this folder finished: its trainer_state.json reads back (a SIGKILL while the Trainer
-    wrote it leaves it cut short), with the step of the folder's name."""
+def trainer_state(folder):
+    """The checkpoint's trainer_state.json, or None if its save did not finish (a SIGKILL while the Trainer wrote it
+    leaves it cut short; its step must be the folder's)."""
     try:
         with open(os.path.join(folder, TRAINER_STATE), encoding="utf-8") as f:
-            step = json.load(f)["global_step"]
-    except (OSError, ValueError, KeyError):
-        return False
+            state = json.load(f)
+        step = state["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(os.path.normpath(folder)))
-    return match is None or int(match.group(1)) == step
+    return state if match is None or int(match.group(1)) == step else None
+
+
+def is_complete(folder):
+    return trainer_state(folder) is not None
 
 
 def latest_complete_checkpoint(output_dir):
@@ -122,6 +127,15 @@ def fingerprint_differences(folder, fingerprint):
             for name in sorted(saved.keys() | fingerprint.keys()) if saved.get(name) != fingerprint.get(name)]
 
 
+def finished(folder, output_dir):
+    """Whether `folder` is the last step of its run and the final folder was saved after it."""
+    state = trainer_state(folder)
+    saved = [os.path.getmtime(os.path.join(output_dir, name)) for name in ("config.json", "adapter_config.json")
+             if os.path.isfile(os.path.join(output_dir, name))]  # written last by save_final
+    return state["global_step"] >= state.get("max_steps", float("inf")) and saved and \
+        max(saved) >= os.path.getmtime(os.path.join(folder, TRAINER_STATE))
+
+
 def resolve_resume(training_args, fingerprint):
     """The checkpoint this run continues from (None: from the start), by --resume_from_checkpoint:
     - unset (or true): the newest complete checkpoint in output_dir, when the run that saved it had this
@@ -156,6 +170,11 @@ def resolve_resume(training_args, fingerprint):
                 + "\n".join(differences) + "\nTo start over: --resume_from_checkpoint false (removes the checkpoints in "
                 f"{output_dir}) or another --output_dir. To continue from it with the new settings: "
                 f"--resume_from_checkpoint {folder}")
+        if finished(folder, output_dir):  # the Trainer would train a step past the end (an epoch not yet over)
+            if main:
+                logger.warning("%s: training finished at %s and the final model is saved; nothing to do "
+                               "(--resume_from_checkpoint false trains again)", output_dir, folder)
+            raise SystemExit(0)
     else:
         folder = value
         if not is_complete(folder):

@@ -162,7 +162,8 @@ def main(argv=None, build_model=load_model):
                                                     padding_free=data_args.padding_free))
     if tune_args.cuda_graphs and training_args.per_device_train_batch_size == 1:  # larger batches: shapes vary
         trainer.add_callback(CudaGraphRecording(trainer, data_args.pad_to_multiple_of))
-    trainer.add_callback(stop := StopOnSignal())
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
     gc.collect()
     gc.freeze()  # the long-lived setup objects leave the collector's view: no multi-second full collections
     trainer.train(resume_from_checkpoint=resume)

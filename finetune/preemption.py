@@ -1,14 +1,15 @@
 """Stopping on a scheduler's signal: on SIGTERM or SIGUSR1 (SLURM sends one before it kills a job, and
 `sbatch --signal` ahead of the time limit) every rank finishes its current optimizer step, the run saves a
 complete checkpoint at that step, logs it and exits with status 75 (EX_TEMPFAIL: re-run the same command to
-continue). A second signal while stopping is logged and ignored, so that it cannot cut the save short; the time
-to exit is one optimizer step plus one save.
+continue; torchrun itself exits with 1 then: the log says what happened). A second signal while
+stopping is logged and ignored, so that it cannot cut the save short: the time to exit is the rest of one
+optimizer step plus one save. A signal before training starts ends the process as usual (nothing to save).
 
 Ranks agree on the step to stop at: after every optimizer step they all-reduce their "signal received" flags on
-a CPU (gloo) process group, so no rank relies on the signal reaching every process at once, and the check costs a
-few hundred microseconds of host time and no GPU synchronisation (an all-reduce on the GPU would need one to
-read its result; checking only every few steps would add those steps to the time before the save). One process
-reads its own flag. The training data loader's worker processes ignore both signals (a scheduler signals every
+a CPU (gloo) process group, so no rank relies on the signal reaching every process at once, and the check is a
+small message between hosts without a GPU synchronisation (an all-reduce on the GPU would need one to read its
+result; checking only every few steps would add those steps to the time before the save). One process reads
+its own flag. The training data loader's worker processes ignore both signals (a scheduler signals every
 process of the job, and a loader worker that dies ends the run at once); their process stops them."""
 import logging
 import os

@@ -3,7 +3,9 @@
 that names the step and the samples (the last saved checkpoint stays as it was); batches that reach the GPU
 without synchronising it (image metadata kept on the host, non-blocking copies); AdamW on fp32 master weights
 (finetune.optimizer) for a bf16 model without DeepSpeed; resumed LoRA runs keep their adapters in the model's
-dtype; with CUDA graphs, each forward starts a new step of inductor's graph trees."""
+dtype; with CUDA graphs, each forward starts a new step of inductor's graph trees; checkpoints marked complete
+only once every rank has written its part (finetune.checkpoint), and a length-grouped order that a resumed run
+draws again (finetune.data.sampler)."""
 import torch
 from transformers import Trainer
 
