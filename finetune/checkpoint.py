@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import fields
 from enum import Enum
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -92,20 +93,22 @@ def discard(folder):
 
 
 def file_sha256(path):
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def run_fingerprint(model_args, data_args, tune_args, training_args):
     """What a run's result depends on, as {name: value}: the model (path and config.json), each data file (size and
     SHA-256 of its content; images are not hashed), the number of processes, the ZeRO stage, and every flag that
     changes training."""
-    from dataclasses import fields
     config = os.path.join(model_args.model_name_or_path, "config.json")
     found = {"model": os.path.abspath(model_args.model_name_or_path),
              "model config.json sha256": file_sha256(config) if os.path.isfile(config) else None,
              "processes": training_args.world_size,
-             "ZeRO stage": training_args.hf_deepspeed_config.config["zero_optimization"].get("stage", 0)
+             "ZeRO stage": training_args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
              if training_args.deepspeed else None}
     for path in data_args.data_path.split(","):
         found[f"data file {os.path.abspath(path)}"] = f"{os.path.getsize(path)} bytes, sha256 {file_sha256(path)}"
