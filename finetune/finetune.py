@@ -8,9 +8,11 @@ Order of setup, and why:
    before any weights load, so a bad data set fails in seconds, with the full list of problems;
 3. the plan (finetune.plan): how to run on these GPUs, from the data's exact shapes and the model config, printed
    before any weights load; a run that cannot fit stops here with what would make it fit;
-4. the TrainingArguments rebuilt with the plan, so that under ZeRO-3 the model is created partitioned;
+4. the TrainingArguments rebuilt with the plan, so that under ZeRO-3 the model is created partitioned; the
+   checkpoint to continue from: the newest complete one of the same run by default (finetune.checkpoint);
 5. the model, recomputation and trainable modules / LoRA, compiled blocks, as planned;
-6. train (resuming from the newest *complete* checkpoint when asked), then save the final folder atomically.
+6. train, stopping with a saved checkpoint on SIGTERM/SIGUSR1 (finetune.preemption); then save the final folder
+   atomically.
 """
 import gc
 import logging
@@ -31,7 +33,7 @@ from replace_file.modeling_minicpmv import SDPA_VARLEN
 
 from . import distributed
 from .arguments import parse_args
-from .checkpoint import latest_complete_checkpoint, record_slicing, register_model_files, save_final
+from .checkpoint import record_slicing, register_model_files, resolve_resume, run_fingerprint, save_final
 from .cli import finetune_inputs, run
 from .cuda_graphs import CudaGraphRecording
 from .data.collator import collate
@@ -44,6 +46,7 @@ from .generation_eval import GenerationMetrics, generation_samples
 from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
 from .model_card import ModelCardCallback
 from .plan import GIB, Hardware, ParameterCounts, Workload, deepspeed_config_for, fixed_from_args, make_plan, parse_gib
+from .preemption import StopOnSignal
 from .trainer import MemoryReport, MiniCPMVTrainer
 
 logger = logging.getLogger("finetune")
@@ -135,6 +138,8 @@ def main(argv=None, build_model=load_model):
     training_args = distributed.apply_plan(training_args, plan, deepspeed, plan.compile_blocks)
     data_args.padding_free, data_args.pad_to_multiple_of = plan.padding_free, plan.pad_to_multiple_of
     generate_samples = generation_samples(data_args, training_args)  # knows ZeRO-3 now
+    fingerprint = run_fingerprint(model_args, data_args, tune_args, training_args)  # with the plan's batch and stage
+    resume = resolve_resume(training_args, fingerprint)  # stops here if the checkpoint is from other settings
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     set_seed(training_args.seed)  # the new LoRA weights are drawn before the Trainer would seed
@@ -157,7 +162,7 @@ def main(argv=None, build_model=load_model):
     logger.info(trainable_summary(model))
     register_model_files()
 
-    trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights,
+    trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights, run_fingerprint=fingerprint,
                               cuda_graphs=plan.cuda_graphs, moments_dtype=getattr(torch, plan.moments_dtype),
                               train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,
@@ -169,13 +174,12 @@ def main(argv=None, build_model=load_model):
         trainer.add_callback(CudaGraphRecording(trainer, plan.pad_to_multiple_of))
     if generate_samples:
         trainer.add_callback(GenerationMetrics(trainer, generate_samples))
-    resume = training_args.resume_from_checkpoint
-    if resume in ("true", "True", "auto", "latest"):
-        resume = latest_complete_checkpoint(training_args.output_dir)
-        logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
     gc.collect()
     gc.freeze()  # the long-lived setup objects leave the collector's view: no multi-second full collections
     trainer.train(resume_from_checkpoint=resume)
+    stop.exit_if_stopped(trainer)  # stopped on a signal: the checkpoint is saved, the final folder is not
     save_final(trainer, training_args.output_dir)
     if training_args.process_index == 0:
         from .plot import write_plots

@@ -3,15 +3,18 @@
 that names the step and the samples (the last saved checkpoint stays as it was); batches that reach the GPU
 without synchronising it (image metadata kept on the host, non-blocking copies); AdamW on fp32 master weights
 (finetune.optimizer) for a bf16 model without DeepSpeed; resumed LoRA runs keep their adapters in the model's
-dtype; with CUDA graphs, each forward starts a new step of inductor's graph trees."""
+dtype; with CUDA graphs, each forward starts a new step of inductor's graph trees; checkpoints marked complete
+only once every rank has written its part (finetune.checkpoint), and a length-grouped order that a resumed run
+draws again (finetune.data.sampler)."""
 import logging
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from .checkpoint import CompleteCheckpoints
 from .cli import UserError
 from .data.collator import HOST_KEYS
+from .data.sampler import EpochLengthGroupedSampler
 from .optimizer import MasterWeightAdamW
 
 logger = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ class HostEntriesCollator:
         return {k: OnHost(v) if k in HOST_KEYS else v for k, v in self.collate(examples).items()}
 
 
-class MiniCPMVTrainer(Trainer):
+class MiniCPMVTrainer(CompleteCheckpoints, Trainer):
     def __init__(self, model, args, data_collator, master_weights=False, moments_dtype=torch.float32,
                  cuda_graphs=False, **kwargs):
         self.master_weights, self.moments_dtype, self.cuda_graphs = master_weights, moments_dtype, cuda_graphs
@@ -84,8 +87,9 @@ class MiniCPMVTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=dataset.lengths.tolist())
+            return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                             dataset.lengths.tolist(), seed=self.args.data_seed or self.args.seed,
+                                             epoch=lambda: int(self.state.epoch or 0))  # a resumed run starts inside one
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
