@@ -116,6 +116,16 @@ def train_data(conformance, tmp_path_factory):
     return folder
 
 
+# For a one-process script: a DeepSpeed run's arguments, set up as finetune.main sets them up once it has a plan
+DEEPSPEED_ARGS = ("from types import SimpleNamespace\n"
+                  "from finetune.arguments import parse_args\n"
+                  "from finetune.distributed import apply_plan, prepare\n"
+                  "def deepspeed_args(argv, compile_blocks=False):\n"
+                  "    _, data, tune, args = parse_args(argv + prepare(argv))\n"
+                  "    plan = SimpleNamespace(micro_batch_size=1, gradient_accumulation_steps=1, bf16=False)\n"
+                  "    return data, apply_plan(args, plan, args.deepspeed, compile_blocks)\n")
+
+
 def cpu_deepspeed_env(**extra):
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)  # any host
 

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from finetune.arguments import parse_args
 from finetune.generation_eval import generation_samples
-from .conftest import REPO, cpu_deepspeed_env, torchrun
+from .conftest import DEEPSPEED_ARGS, REPO, cpu_deepspeed_env, torchrun
 from .test_training import zero3_config
 
 
@@ -61,16 +61,10 @@ def test_generation_metrics_default_on_when_evaluating_and_refused_under_zero3_o
     assert generation_samples(*parse_args(evaluating + ["--eval_generate_samples", "0"])[1::2]) == 0
     assert generation_samples(*parse_args(base)[1::2]) == 0  # no evaluation, nothing to decode
     # ZeRO-3: the default stands down, an explicit N is refused (a process of its own: DeepSpeed's state is global)
-    script = ("import sys\n"
-              "from types import SimpleNamespace\n"
-              "from finetune.arguments import parse_args\n"
-              "from finetune.distributed import apply_plan, prepare\n"
+    script = ("import sys\n" + DEEPSPEED_ARGS +
               "from finetune.generation_eval import generation_samples\n"
-              "plan = SimpleNamespace(micro_batch_size=1, gradient_accumulation_steps=1, bf16=False)\n"
               "for extra in ([], ['--eval_generate_samples', '8']):\n"
-              "    argv = sys.argv[1:] + extra\n"
-              "    _, data, _, args = parse_args(argv + prepare(argv))\n"
-              "    args = apply_plan(args, plan, args.deepspeed, False)  # DeepSpeed set up as the run does\n"
+              "    data, args = deepspeed_args(sys.argv[1:] + extra)\n"
               "    try:\n"
               "        print('samples:', generation_samples(data, args))\n"
               "    except SystemExit as e:\n"

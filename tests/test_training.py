@@ -15,7 +15,7 @@ from finetune.checkpoint import latest_complete_checkpoint, restore_template
 from finetune.model import load_any, load_model
 from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 
-from .conftest import REPO, cpu_deepspeed_env, torchrun
+from .conftest import DEEPSPEED_ARGS, REPO, cpu_deepspeed_env, torchrun
 
 
 def zero3_config(folder):
@@ -120,14 +120,9 @@ def test_zero3_keeps_torchs_linear_for_compiled_blocks(ckpt_dir, train_data, tmp
     dynamo (torch 2.11) guards each weight's ZeRO id: every block recompiled until dynamo gave up and ran the
     rest eagerly (seen on GPUs). With --compile_blocks the run's DeepSpeed config keeps torch's linear; without,
     DeepSpeed's default stands."""
-    script = ("import sys, torch\n"
-              "from types import SimpleNamespace\n"
-              "from finetune.arguments import parse_args\n"
-              "from finetune.distributed import apply_plan, prepare\n"
+    script = ("import sys, torch\n" + DEEPSPEED_ARGS +
               "from finetune.model import load_model\n"
-              "_, _, tune, args = parse_args(sys.argv[2:] + prepare(sys.argv[2:]))\n"
-              "plan = SimpleNamespace(micro_batch_size=1, gradient_accumulation_steps=1, bf16=False)\n"
-              "args = apply_plan(args, plan, args.deepspeed, tune.compile_blocks)  # kept: held weakly by transformers\n"
+              "args = deepspeed_args(sys.argv[2:], '--compile_blocks=true' in sys.argv)  # held: transformers keeps it weakly\n"
               "load_model(sys.argv[1], dtype=torch.float32)\n"
               "print('torch linear:', torch.nn.functional.linear is torch._C._nn.linear)\n")
     env = cpu_deepspeed_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -135,7 +130,7 @@ def test_zero3_keeps_torchs_linear_for_compiled_blocks(ckpt_dir, train_data, tmp
     config = zero3_config(tmp_path)
     for compile_blocks, kept in (("true", True), ("false", False)):
         args = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
-                "--output_dir", str(tmp_path), "--deepspeed", config, "--compile_blocks", compile_blocks]
+                "--output_dir", str(tmp_path), "--deepspeed", config, f"--compile_blocks={compile_blocks}"]
         run = subprocess.run([sys.executable, "-c", script, str(ckpt_dir)] + args, cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
