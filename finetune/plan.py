@@ -15,6 +15,7 @@ FLOPs (recomputation adds its forward) at a fixed fraction of the GPU's peak, pl
 (kernel launches, the host's share), also measured there; it only has to rank candidates.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -289,11 +290,14 @@ class Fixed:
     zero_stage: int = None
     offload: str = None
     global_batch_size: int = None
+    bf16: bool = None              # --bf16 / --fp16 given: that precision, whatever the GPU has
 
 
 def make_plan(work, hw, fixed=None, budget_gib=None):
     """The fastest plan that fits; if none fits, the smallest one, with fits=False and what would make it fit."""
     fixed = fixed or Fixed()
+    if fixed.bf16 is not None:
+        hw = dataclasses.replace(hw, bf16=fixed.bf16)
     budget = budget_gib * (1 - LIMIT_MARGIN) if budget_gib is not None else hw.memory_gib - HEADROOM_GIB
     global_batch, reasons = _global_batch(fixed, hw.gpus)
     per_gpu = global_batch // hw.gpus
@@ -345,9 +349,11 @@ def _zero_choices(work, hw, fixed):
 
 
 def _moment_choices(zero, hw, fixed):
-    if fixed.moments_dtype == "bfloat16" and (zero or not hw.bf16):
-        from .arguments import MOMENTS_NEED
-        raise SystemExit(MOMENTS_NEED)
+    if fixed.moments_dtype == "bfloat16":  # AdamW on fp32 masters: bf16 runs without DeepSpeed only
+        if not hw.bf16:
+            from .arguments import MOMENTS_NEED
+            raise SystemExit(MOMENTS_NEED)
+        return ["bfloat16"] if zero == 0 else []
     if fixed.moments_dtype:
         return [fixed.moments_dtype]
     return ["float32", "bfloat16"] if zero == 0 and hw.bf16 else ["float32"]  # bf16 moments: fp32-master AdamW
@@ -476,6 +482,8 @@ def fixed_from_args(argv, data_args, tune_args, training_args, deepspeed_config=
     fixed.padding_free = data_args.padding_free
     fixed.pad_to_multiple_of = data_args.pad_to_multiple_of
     fixed.moments_dtype = tune_args.optimizer_moments_dtype
+    if {"--bf16", "--fp16"} & given:
+        fixed.bf16 = training_args.bf16
     if deepspeed_config is not None:
         zero = deepspeed_config.get("zero_optimization", {})
         fixed.zero_stage = int(zero.get("stage", 0))

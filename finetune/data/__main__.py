@@ -2,7 +2,7 @@
 convert the GUICourse release. `python -m finetune.data COMMAND --help` describes each command."""
 import os
 
-from ..cli import Parser, input_file, model_folder, output_folder, run
+from ..cli import Parser, UserError, input_file, model_folder, output_folder, run
 from .records import DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -59,7 +59,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "check":
         from .mixing import parse_sources
-        for source in (s for arg in args.data for s in parse_sources(arg)):
+        try:
+            sources = [s for arg in args.data for s in parse_sources(arg)]
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for source in sources:
             input_file(source.path, "data file")
         if args.model:
             model_folder(args.model, "--model", adapters=False)
