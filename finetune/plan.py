@@ -449,8 +449,6 @@ def _suggestions(work, hw, smallest):
         out.append("a frozen vision tower (--tune_vision false)")
     if smallest["offload"] == "none":
         out.append("optimizer offload to the CPU (DeepSpeed ZeRO with offload_optimizer)")
-    if work.use_lora and work.quantization == "none":
-        out.append("4-bit base weights (--quantization nf4)")
     return out
 
 
