@@ -222,8 +222,8 @@ def resolve_resume(training_args, fingerprint):
 
 class CompleteCheckpoints:
     """Trainer mixin: each checkpoint is written into a fresh folder, with the run's fingerprint, and every rank
-    finishes its files (weights, optimizer shards, RNG states) before the main process writes trainer_state.json,
-    the mark of a complete checkpoint."""
+    finishes its files (weights, optimizer shards, RNG states, the model card) before the main process writes
+    trainer_state.json, the mark of a complete checkpoint."""
 
     def __init__(self, *args, run_fingerprint=None, **kwargs):
         self.run_fingerprint, self.saved_step = run_fingerprint, None
@@ -245,6 +245,8 @@ class CompleteCheckpoints:
 
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)  # each rank's last file; the Trainer writes trainer_state.json next
+        from .model_card import write_card
+        write_card(self, output_dir)  # the checkpoint's model card, before the mark too
         self.accelerator.wait_for_everyone()
 
 

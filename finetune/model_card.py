@@ -12,7 +12,6 @@ import sys
 
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
 TAG = "minicpmv-finetune"  # marks the cards this toolkit wrote
@@ -163,16 +162,11 @@ def callback_of(trainer):
 
 
 class ModelCardCallback(TrainerCallback):
-    """Writes the card into every checkpoint-N the Trainer saves; finetune.checkpoint.save_final asks it for the
-    final folder's (write_card)."""
+    """Holds the run's description for its cards: finetune.checkpoint writes one into every checkpoint-N (before
+    the checkpoint's completeness mark) and into the final folder (write_card)."""
 
     def __init__(self, *run_args):
         self.run = TrainingRun(*run_args)
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            save(self.run.card(args, state, model_dtype(model)), folder)
 
 
 def model_dtype(model):
@@ -180,7 +174,7 @@ def model_dtype(model):
 
 
 def write_card(trainer, folder):
-    """The final folder's card (nothing when the run was not set up with a ModelCardCallback)."""
+    """A checkpoint's or the final folder's card (nothing when the run was not set up with a ModelCardCallback)."""
     callback = callback_of(trainer)
     if callback is not None and trainer.args.should_save:
         save(callback.run.card(trainer.args, trainer.state, model_dtype(trainer.model)), folder)

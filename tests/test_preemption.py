@@ -268,7 +268,9 @@ if os.environ.get("RUN_UNTIL_SIGNALLED"):
     open(log, "a").write("started\\n")
     time.sleep(60)
 """,
-    "python3": "#!/bin/bash\nexit 1\n",  # the GPU probes of scripts/launch_env.sh: a GPU without bf16
+    # the launch scripts' torchrun (python3 -m finetune.launch --script NAME, then torchrun's arguments) goes to the
+    # torchrun shim; the GPU probes of scripts/launch_env.sh answer as a GPU without bf16
+    "python3": '#!/bin/bash\nif [ "$1 $2" = "-m finetune.launch" ]; then shift 4; exec torchrun "$@"; fi\nexit 1\n',
 }
 
 
