@@ -126,6 +126,12 @@ DEEPSPEED_ARGS = ("from types import SimpleNamespace\n"
                   "    return data, apply_plan(args, plan, args.deepspeed, compile_blocks)\n")
 
 
+def one_process_env(port):
+    """The environment of a one-process run that starts its own process group (DeepSpeed on the CPU)."""
+    return cpu_deepspeed_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=str(port + os.getpid() % 90))
+
+
 def cpu_deepspeed_env(**extra):
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)  # any host
 

@@ -1,7 +1,6 @@
 """Generation metrics during training: a CPU run on the conformance checkpoint (ZeRO-2 on 2 processes, each decoding
 its share) logs eval_gen_* beside the eval loss; weighted data mixing states its counts in the same run's log."""
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from finetune.arguments import parse_args
 from finetune.generation_eval import generation_samples
-from .conftest import DEEPSPEED_ARGS, REPO, cpu_deepspeed_env, torchrun
+from .conftest import DEEPSPEED_ARGS, REPO, one_process_env, torchrun
 from .test_training import zero3_config
 
 
@@ -69,8 +68,7 @@ def test_generation_metrics_default_on_when_evaluating_and_refused_under_zero3_o
               "        print('samples:', generation_samples(data, args))\n"
               "    except SystemExit as e:\n"
               "        print('refused:', e)\n")
-    env = cpu_deepspeed_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(29800 + os.getpid() % 90))
+    env = one_process_env(29800)
     run = subprocess.run([sys.executable, "-c", script] + evaluating + ["--deepspeed", zero3_config(tmp_path)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert "samples: 0\nrefused: --eval_generate_samples does not run under DeepSpeed ZeRO-3" in run.stdout, \

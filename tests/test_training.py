@@ -15,7 +15,7 @@ from finetune.checkpoint import latest_complete_checkpoint, restore_template
 from finetune.model import load_any, load_model
 from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 
-from .conftest import DEEPSPEED_ARGS, REPO, cpu_deepspeed_env, torchrun
+from .conftest import DEEPSPEED_ARGS, REPO, one_process_env, torchrun
 
 
 def zero3_config(folder):
@@ -125,8 +125,7 @@ def test_zero3_keeps_torchs_linear_for_compiled_blocks(ckpt_dir, train_data, tmp
               "args = deepspeed_args(sys.argv[2:], '--compile_blocks=true' in sys.argv)  # held: transformers keeps it weakly\n"
               "load_model(sys.argv[1], dtype=torch.float32)\n"
               "print('torch linear:', torch.nn.functional.linear is torch._C._nn.linear)\n")
-    env = cpu_deepspeed_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(29900 + os.getpid() % 90))
+    env = one_process_env(29900)
     config = zero3_config(tmp_path)
     for compile_blocks, kept in (("true", True), ("false", False)):
         args = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
