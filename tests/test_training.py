@@ -391,11 +391,13 @@ def test_image_metadata_passes_device_placement_on_the_host(encode, conformance)
     assert on_host["tgt_sizes"].device.type == "cpu" and all(b.device.type == "cpu" for b in on_host["image_bound"])
 
 
-def test_legacy_flags_are_translated():
+def test_legacy_flags_are_translated(monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # set below; the runs of later tests must not see it
     argv = ["--evaluation_strategy", "steps", "--warmup_ratio=0.01", "--group_by_length", "true",
             "--logging_dir", "runs/x", "--learning_rate", "1e-4"]
     assert translate_legacy_flags(argv) == ["--eval_strategy", "steps", "--warmup_steps", "0.01",
                                             "--train_sampling_strategy", "group_by_length", "--learning_rate", "1e-4"]
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == "runs/x"
 
 
 def test_restore_template(ckpt_dir, tmp_path):
