@@ -392,7 +392,8 @@ def test_image_metadata_passes_device_placement_on_the_host(encode, conformance)
 
 
 def test_legacy_flags_are_translated(monkeypatch):
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # set below; the runs of later tests must not see it
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # restored after the test: the runs of later tests must not
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")      # see what translating --logging_dir sets
     argv = ["--evaluation_strategy", "steps", "--warmup_ratio=0.01", "--group_by_length", "true",
             "--logging_dir", "runs/x", "--learning_rate", "1e-4"]
     assert translate_legacy_flags(argv) == ["--eval_strategy", "steps", "--warmup_steps", "0.01",
