@@ -269,11 +269,12 @@ def sample_seconds(work, hw, modules, every_n, tokens, patches):
     return (llm_train + vision_train + extra) / (hw.peak_flops * SUSTAINED_FRACTION)
 
 
-def worst_batch(work, micro_batch):
-    """Tokens and patches of the largest micro-batch the data can form (its longest samples together)."""
+def data_shapes(work):
+    """The data's shapes the candidates are sized by, computed once: the tokens and patches of the largest
+    micro-batch of each size (its longest samples together, as cumulative sums), and the mean sample."""
     order = np.argsort(-(work.lengths * PER_TOKEN_LLM_BLOCK["lora"] + work.patches * PER_PATCH_VISION_BLOCK))
-    top = order[:micro_batch]
-    return float(work.lengths[top].sum()), float(work.patches[top].sum())
+    return dict(tokens=np.cumsum(work.lengths[order]), patches=np.cumsum(work.patches[order]),
+                mean_tokens=float(work.lengths.mean()), mean_patches=float(work.patches.mean()))
 
 
 @dataclass
@@ -301,12 +302,13 @@ def make_plan(work, hw, fixed=None, budget_gib=None):
     budget = budget_gib * (1 - LIMIT_MARGIN) if budget_gib is not None else hw.memory_gib - HEADROOM_GIB
     global_batch, reasons = _global_batch(fixed, hw.gpus)
     per_gpu = global_batch // hw.gpus
-    candidates = []
+    shapes, candidates = data_shapes(work), []
     for zero, offload in _zero_choices(work, hw, fixed):
         for moments in _moment_choices(zero, hw, fixed):
             for modules, every_n in _recompute_choices(work, fixed):
                 for mbs in _micro_batches(per_gpu, fixed):
-                    candidates.append(_evaluate(work, hw, zero, offload, moments, modules, every_n, mbs, per_gpu))
+                    candidates.append(_evaluate(work, shapes, hw, zero, offload, moments, modules, every_n, mbs,
+                                                per_gpu))
     fitting = [c for c in candidates if c["peak"] <= budget * GIB]
     pool = fitting or candidates
     if fitting:
@@ -376,11 +378,12 @@ def _micro_batches(per_gpu, fixed):
     return _divisors(per_gpu)
 
 
-def _evaluate(work, hw, zero, offload, moments, modules, every_n, mbs, per_gpu):
-    tokens, patches = worst_batch(work, mbs)
+def _evaluate(work, shapes, hw, zero, offload, moments, modules, every_n, mbs, per_gpu):
+    last = min(mbs, len(shapes["tokens"])) - 1
+    tokens, patches = float(shapes["tokens"][last]), float(shapes["patches"][last])
     static = static_bytes(work, zero, offload, moments, hw.gpus, weight_bytes=2 if hw.bf16 else 4)
     peak = static + max(activation_bytes(work, modules, every_n, tokens, patches), optimizer_step_bytes(work, zero))
-    mean_tokens, mean_patches = float(work.lengths.mean()), float(work.patches.mean())
+    mean_tokens, mean_patches = shapes["mean_tokens"], shapes["mean_patches"]
     per_sample = sample_seconds(work, hw, modules, every_n, mean_tokens, mean_patches)
     cuda_graphs = _cuda_graphs_pay(work, hw, zero, modules, mbs)
     if cuda_graphs:  # kernels replayed: less host time per micro-batch, but padded to 64 tokens
