@@ -126,6 +126,16 @@ DEEPSPEED_ARGS = ("from types import SimpleNamespace\n"
                   "    return data, apply_plan(args, plan, args.deepspeed, compile_blocks)\n")
 
 
+def zero3_config(folder):
+    """The shipped ZeRO-3 config with every parameter partitioned: its persistence threshold is sized for the 8B
+    model, and would keep each of the fixture model's small parameters whole on every rank."""
+    config = json.loads((REPO / "ds_config_zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = folder / "ds_config_zero3.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 def one_process_env(port):
     """The environment of a one-process run that starts its own process group (DeepSpeed on the CPU)."""
     return cpu_deepspeed_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

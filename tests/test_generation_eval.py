@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from finetune.arguments import parse_args
 from finetune.generation_eval import generation_samples
 from .conftest import DEEPSPEED_ARGS, REPO, one_process_env, torchrun
-from .test_training import zero3_config
+from .conftest import zero3_config
 
 
 @pytest.fixture(scope="module")

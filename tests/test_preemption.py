@@ -18,9 +18,7 @@ from safetensors.torch import load_file
 
 from finetune.checkpoint import is_complete
 from finetune.preemption import EXIT_STATUS
-from tests.test_training import cpu_deepspeed_env, zero3_config
-
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, cpu_deepspeed_env, zero3_config
 
 
 @pytest.fixture(scope="module")

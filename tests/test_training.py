@@ -15,17 +15,7 @@ from finetune.checkpoint import latest_complete_checkpoint, restore_template
 from finetune.model import load_any, load_model
 from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, TRAIN_CHAT_TEMPLATE
 
-from .conftest import DEEPSPEED_ARGS, REPO, one_process_env, torchrun
-
-
-def zero3_config(folder):
-    """The shipped ZeRO-3 config with every parameter partitioned: its persistence threshold is sized for the 8B
-    model, and would keep each of the fixture model's small parameters whole on every rank."""
-    config = json.loads((REPO / "ds_config_zero3.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = folder / "ds_config_zero3.json"
-    path.write_text(json.dumps(config))
-    return str(path)
+from .conftest import DEEPSPEED_ARGS, REPO, one_process_env, torchrun, zero3_config
 
 
 def changed_parameters(folder, ckpt_dir):
