@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from . import quantization
+
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
 
@@ -63,11 +65,15 @@ class TuneArguments:
         "help": "bfloat16: AdamW's moments stored in bf16, 4 bytes less per trained parameter (2 GiB for LoRA with "
                 "the vision tower trained); bf16 models without DeepSpeed only"})
     use_lora: bool = False
-    q_lora: bool = False
+    q_lora: bool = field(default=False, metadata={"help": "the official scripts' flag: --quantization nf4"})
     lora_r: int = 64
     lora_alpha: int = 64
     lora_dropout: float = 0.05
     lora_target_modules: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "regex over module names"})
+    quantization: str = field(default="none", metadata={
+        "help": "none | nf4: the LLM's linear layers stored in 4 bits instead of 16 (QLoRA, with --use_lora; --q_lora true "
+                "is the same), for 16-24 GB GPUs. It changes the numerics, so it is never chosen for you; the adapters "
+                "also load on the bf16 model"})
 
 
 @dataclass
@@ -119,9 +125,6 @@ def parse_args(argv=None):
     if model_args.llm_type != "llama3":
         raise SystemExit(f"--llm_type {model_args.llm_type!r}: MiniCPM-Llama3-V 2.5 is a Llama-3 model, so only "
                          "'llama3' is valid (the official scripts' 'minicpm' is MiniCPM-V 2.0, 'qwen' is 2.6)")
-    if tune_args.q_lora:
-        raise SystemExit("--q_lora is not supported: the official QLoRA path never worked for this model (vision "
-                         "parameters cannot require gradients after 4-bit preparation); use --use_lora")
     if not model_args.model_name_or_path or not data_args.data_path:
         raise SystemExit("--model_name_or_path and --data_path are required")
     if tune_args.checkpointing_modules not in ("all", "vision", "llm", "resampler"):
@@ -146,6 +149,7 @@ def parse_args(argv=None):
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if training_args.deepspeed:
         resolve_deepspeed_config(training_args, tune_args.compile_blocks)
+    quantization.check_arguments(tune_args, training_args)
     return model_args, data_args, tune_args, training_args
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .model import default_dtype, load_any
+from .quantization import QUANTIZATIONS
 
 
 def answer(model, tokenizer, image, messages, greedy, max_new_tokens):
@@ -35,9 +36,12 @@ def main(argv=None):
     parser.add_argument("--prompt")
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="nf4: the LLM's linear layers in 4 bits (the weights in ~6 GiB instead of 16)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device)
+    model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device,
+                                quantization=args.quantization)
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     image = Image.open(args.image).convert("RGB")
     messages = []

@@ -106,8 +106,8 @@ def upcast_trainable(model):
 
 
 def main(argv=None, build_model=load_model):
-    """`build_model(path, dtype=, attn_implementation=)` returns the model; benchmarks pass one that builds
-    random weights of the same architecture."""
+    """`build_model(path, dtype=, attn_implementation=, quantization=)` returns the model; benchmarks pass one that
+    builds random weights of the same architecture."""
     model_args, data_args, tune_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -131,7 +131,7 @@ def main(argv=None, build_model=load_model):
     attn_implementation = model_args.attn_implementation
     if data_args.padding_free and attn_implementation == "sdpa":
         attn_implementation = "sdpa_varlen"  # SDPA, and flash's variable-length kernel for concatenated samples
-    model = build_model(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = build_model(path, dtype=dtype, attn_implementation=attn_implementation, quantization=tune_args.quantization)
     model.config.use_cache = False
     if training_args.gradient_checkpointing:  # enabled here, per module, instead of by the Trainer
         enable_checkpointing(model, tune_args.checkpointing_modules, tune_args.checkpointing_every_n_layers,

@@ -7,6 +7,8 @@ import torch
 
 from replace_file import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
 
+from .quantization import bitsandbytes_config
+
 # MiniCPM's renamed Llama-3 special slots (checkpoint_spec §3.1): a tokenizer without them is not this model's.
 SPECIAL_TOKEN_IDS = {"<unk>": 128002, "<image>": 128010, "</image>": 128011, "<slice>": 128020, "</slice>": 128021,
                      "<|eot_id|>": 128009}
@@ -43,19 +45,29 @@ def default_dtype():
     return torch.float32
 
 
-def load_model(path, dtype=None, device=None, attn_implementation="sdpa"):
-    """The model in `dtype` (default bf16 on a GPU that has it, else fp32), strictly loaded."""
+def load_model(path, dtype=None, device=None, attn_implementation="sdpa", quantization=None):
+    """The model in `dtype` (default bf16 on a GPU that has it, else fp32), strictly loaded. `quantization` "nf4":
+    the LLM's linear layers quantized to 4 bits as they load (finetune.quantization), computing in `dtype`; such a
+    model is placed at load time, on `device` (default: this process's accelerator), as it cannot be moved after."""
     config = read_config(path)
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
                               "weights are loaded)")
-    model, info = MiniCPMV.from_pretrained(path, config=config, dtype=dtype or default_dtype(),
-                                           attn_implementation=attn_implementation, output_loading_info=True,
-                                           use_safetensors=True)
+    dtype = dtype or default_dtype()
+    placement = {}
+    quantization_config = bitsandbytes_config(quantization, dtype)
+    if quantization_config is not None:
+        from accelerate import PartialState
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        placement = dict(quantization_config=quantization_config)
+        if not is_deepspeed_zero3_enabled():
+            placement["device_map"] = {"": torch.device(device) if device is not None else PartialState().device}
+    model, info = MiniCPMV.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation,
+                                           output_loading_info=True, use_safetensors=True, **placement)
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
         raise CheckpointError(f"{path}: weights do not match the model: {problems or info['error_msgs']}")
-    return model.to(device) if device is not None else model
+    return model.to(device) if device is not None and not placement else model
 
 
 def load_tokenizer(path):
@@ -73,18 +85,21 @@ def is_lora_folder(path):
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-def load_any(path, base=None, dtype=None, device=None, attn_implementation="sdpa"):
+def load_any(path, base=None, dtype=None, device=None, attn_implementation="sdpa", quantization=None):
     """A base or full checkpoint, or a LoRA adapter folder on its base (`base`, else the path recorded in
-    adapter_config.json). Returns (model, tokenizer); the tokenizer comes from the folder when it has one."""
+    adapter_config.json), the base's LLM in 4 bits with `quantization="nf4"`. Returns (model, tokenizer); the
+    tokenizer comes from the folder when it has one."""
     if not is_lora_folder(path):
-        return load_model(path, dtype, device, attn_implementation), load_tokenizer(path)
+        return load_model(path, dtype, device, attn_implementation, quantization), load_tokenizer(path)
     from peft import PeftModel
     base = base or json.load(open(os.path.join(path, "adapter_config.json")))["base_model_name_or_path"]
     if not base or not os.path.isdir(base):
         raise CheckpointError(f"{path} is a LoRA adapter whose base model folder {base!r} is not here; pass the base")
-    model = PeftModel.from_pretrained(load_model(base, dtype, None, attn_implementation), path)
+    quantized = quantization not in (None, "none")
+    model = load_model(base, dtype, device if quantized else None, attn_implementation, quantization)
+    model = PeftModel.from_pretrained(model, path)
     has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
-    model = model.to(device) if device is not None else model
+    model = model.to(device) if device is not None and not quantized else model
     return model, load_tokenizer(path if has_tokenizer else base)
 
 
@@ -106,7 +121,17 @@ def configure_trainable(model, tune):
     # adapters in the model's dtype: precision of the update is the optimizer's business (fp32 masters)
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
     release_frozen_originals(model, keep=("embed_tokens",))
+    keep_4bit_training_layout(model)
     return model
+
+
+def keep_4bit_training_layout(model):
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights in place for CPU inference at its first forward in eval
+    mode without gradients (an evaluation during training) on CPUs with AVX512-BF16; its matmul then passes no
+    gradient back to the layer's input, silently. Layers being trained keep the layout that has a backward."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def release_frozen_originals(model, keep=()):

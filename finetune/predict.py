@@ -1,7 +1,8 @@
 """python -m finetune.predict --model PATH --data TEST.json|jsonl --output preds.jsonl [generation flags]
 
 Batched generation for a base, full or LoRA checkpoint: greedy by default (what evaluation wants), beams or
-sampling on request; bf16 on a GPU, fp32 on CPU. Writes one JSON object per line, {"id", "prediction",
+sampling on request; bf16 on a GPU, fp32 on CPU, the LLM's linear layers in 4 bits with --quantization nf4
+(for a LoRA adapter trained that way: what it trained with). Writes one JSON object per line, {"id", "prediction",
 "answer" (the sample's last assistant turn, when it has one), "type"}, flushed as it goes: a rerun skips ids
 already written. A sample that cannot be read or generated is written with its "error" and skipped.
 """
@@ -17,6 +18,7 @@ from .data.collator import HOST_KEYS, collate
 from .data.conversation import ASSISTANT_HEADER, ImageSettings, encode_conversation
 from .data.records import RecordFile, read_jsonl
 from .model import default_dtype, load_any
+from .quantization import QUANTIZATIONS
 from replace_file.modeling_minicpmv import decode_answer
 
 
@@ -121,9 +123,12 @@ def main(argv=None):
     parser.add_argument("--top_p", type=float, default=0.8)
     parser.add_argument("--top_k", type=int, default=100)
     parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="nf4: the LLM's linear layers in 4 bits (the weights in ~6 GiB instead of 16)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device)
+    model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device,
+                                quantization=args.quantization)
     model.eval()
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                            repetition_penalty=args.repetition_penalty)

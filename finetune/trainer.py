@@ -9,7 +9,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .data.collator import HOST_KEYS
-from .optimizer import MasterWeightAdamW
+from .optimizer import master_weight_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,9 +50,11 @@ class MiniCPMVTrainer(Trainer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-        self.optimizer = MasterWeightAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
-                                           betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-                                           moments_dtype=self.moments_dtype)
+        embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        self.optimizer = master_weight_optimizer(self.args.optim, [g for g in groups if g["params"]],
+                                                 moments_dtype=self.moments_dtype, embeddings=embeddings,
+                                                 lr=self.args.learning_rate, eps=self.args.adam_epsilon,
+                                                 betas=(self.args.adam_beta1, self.args.adam_beta2))
         return self.optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
