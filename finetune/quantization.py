@@ -2,11 +2,19 @@
 planner needs to predict their memory, and the combinations refused at start with the reason.
 
 `--quantization nf4` stores the LLM's linear layers (the 32 blocks' attention and MLP projections, 7.0 of the 8.5 B
-parameters) as 4-bit NormalFloat with double quantization, computed in the run's dtype (bf16 on GPUs); LoRA adapters
-train on top of them. Everything else stays in the run's dtype and trains as without quantization: the vision tower,
-the resampler, the token embeddings, the LM head and the norms. Numerics change (each weight is one of 16 values
-per block of 64), so a run never switches to 4-bit by itself.
+parameters) as 4-bit NormalFloat with double quantization, computed in the run's dtype (bf16 on GPUs); LoRA
+adapters train on top of them. Everything else stays in the run's dtype and trains as without quantization: the
+vision tower, the resampler, the token embeddings, the LM head and the norms. Numerics change (each weight becomes
+one of 16 levels scaled per block of 64), so a run never switches to 4-bit by itself.
+
+peft's `prepare_model_for_kbit_training` is not called, for what each of its three steps would do here: it freezes
+every parameter (configure_trainable does, before choosing what trains); it casts every parameter that is not
+4-bit to fp32, for stable updates (here the optimizer keeps fp32 masters of what trains, and fp32 copies of the
+frozen embeddings, LM head and vision tower would add 3 GiB to the 8B model and run them in fp32); and it turns on
+reentrant recomputation with inputs made to require gradients (finetune.py recomputes per module, non-reentrant).
+Under ZeRO-3 the 4-bit weights are partitioned like the others.
 """
+import importlib.util
 import logging
 
 NF4 = "nf4"
@@ -30,8 +38,8 @@ def quiet_bitsandbytes():
     could not fetch a faster CPU kernel from the Hugging Face Hub through the optional `kernels` package; it then
     uses its own bundled kernel, which is what these runs want (the Hub cannot be reached from the GPU hosts, and a
     kernel downloaded at run time is not a dependency we pin). Drop that one message, nothing else."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    noise = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: not record.getMessage().startswith(noise))
 
 
 def bitsandbytes_config(quantization, dtype):
@@ -40,13 +48,15 @@ def bitsandbytes_config(quantization, dtype):
         return None
     if quantization != NF4:
         raise ValueError(f"quantization {quantization!r}: expected one of {QUANTIZATIONS}")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise SystemExit("--quantization nf4 needs bitsandbytes: pip install bitsandbytes (in requirements.txt)") from None
+    require_bitsandbytes("--quantization nf4")
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=NF4, bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+
+
+def require_bitsandbytes(flag):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SystemExit(f"{flag} needs bitsandbytes: pip install bitsandbytes (it is in requirements.txt)")
 
 
 def check_arguments(tune_args, training_args):
@@ -54,7 +64,7 @@ def check_arguments(tune_args, training_args):
     check_optimizer(tune_args, training_args)
     if tune_args.q_lora:
         if tune_args.quantization not in ("none", NF4):
-            raise SystemExit(f"--q_lora true is --quantization nf4; it contradicts --quantization {tune_args.quantization}")
+            raise SystemExit(f"--q_lora true is --quantization nf4, not {tune_args.quantization}")
         tune_args.quantization = NF4
     if tune_args.quantization not in QUANTIZATIONS:
         raise SystemExit(f"--quantization takes {'|'.join(QUANTIZATIONS)}, got {tune_args.quantization!r}")
@@ -62,9 +72,11 @@ def check_arguments(tune_args, training_args):
         return
     problem = ("needs --use_lora true: 4-bit weights have no gradients, so the LLM cannot train in full; LoRA "
                "adapters train on top of them" if not tune_args.use_lora else
-               "does not take --cuda_graphs: untested with bitsandbytes' 4-bit kernels" if tune_args.cuda_graphs else None)
+               "does not take --cuda_graphs: untested with bitsandbytes' 4-bit kernels" if tune_args.cuda_graphs else
+               None)
     if problem:
         raise SystemExit(f"--quantization nf4 {problem}")
+    require_bitsandbytes("--quantization nf4")
 
 
 def check_optimizer(tune_args, training_args):
@@ -73,8 +85,12 @@ def check_optimizer(tune_args, training_args):
     DeepSpeed's fp32 partitions)."""
     from .optimizer import EIGHT_BIT_OPTIMIZERS, FP32_STATE_OPTIMIZERS
     optim = getattr(training_args.optim, "value", training_args.optim)
-    if training_args.bf16 and not training_args.deepspeed and optim not in FP32_STATE_OPTIMIZERS + tuple(EIGHT_BIT_OPTIMIZERS):
-        raise SystemExit(f"--optim {optim}: bf16 runs without DeepSpeed use AdamW on fp32 master weights, with moments "
-                         f"in fp32 ({' or '.join(FP32_STATE_OPTIMIZERS)}) or 8 bits ({', '.join(EIGHT_BIT_OPTIMIZERS)})")
-    if optim in EIGHT_BIT_OPTIMIZERS and tune_args.optimizer_moments_dtype != "float32":
-        raise SystemExit(f"--optim {optim} keeps the moments in 8 bits: drop --optimizer_moments_dtype")
+    master_weights = training_args.bf16 and not training_args.deepspeed
+    if master_weights and optim not in FP32_STATE_OPTIMIZERS + tuple(EIGHT_BIT_OPTIMIZERS):
+        raise SystemExit(f"--optim {optim}: bf16 runs without DeepSpeed use AdamW on fp32 master weights, with "
+                         f"moments in fp32 ({' or '.join(FP32_STATE_OPTIMIZERS)}) or 8 bits "
+                         f"({', '.join(EIGHT_BIT_OPTIMIZERS)})")
+    if optim in EIGHT_BIT_OPTIMIZERS:
+        if tune_args.optimizer_moments_dtype != "float32":
+            raise SystemExit(f"--optim {optim} keeps the moments in 8 bits: drop --optimizer_moments_dtype")
+        require_bitsandbytes(f"--optim {optim}")
