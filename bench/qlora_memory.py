@@ -13,7 +13,8 @@ adamw_bnb_8bit`):
 - lora_vision: the same with bf16 weights, for the throughput ratio; capped at 48 GiB.
 The checkpoint folder gets random full-size bf16 weights in the official layout if it has none (4-bit weights are
 quantized as they load, so they need weights on disk; ~16 GB). Writes OUT/qlora_memory_TAG.json: per run the cap,
-whether it fit, peak allocated memory (total and by phase), samples/s, and the train_throughput report.
+whether it fit, peak allocated memory (total and by phase), samples/s, the graph breaks dynamo logged in the
+compiled blocks (pieces that ran eagerly), and the train_throughput report.
 """
 import argparse
 import json
@@ -38,9 +39,9 @@ RUNS = {  # name: (cap in GiB, flags)
 
 def run_capped(cap_gib, argv):
     """bench/train_throughput.py's main in this process, the caching allocator capped at cap_gib."""
+    from bench import train_throughput  # first: it sets the allocator's configuration, as the launch scripts do
     import torch
     torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    from bench import train_throughput
     sys.argv = ["bench/train_throughput.py"] + argv
     train_throughput.main()
 
@@ -77,9 +78,10 @@ def main():
                 "--warmup", str(a.warmup), "--out", a.out, "--"] + flags
         start = time.perf_counter()
         child = subprocess.run([sys.executable, __file__, "--capped", str(cap)] + argv, cwd=REPO,
-                               capture_output=True, text=True)
+                               env=dict(os.environ, TORCH_LOGS="graph_breaks"), capture_output=True, text=True)
+        breaks = [line for line in child.stderr.splitlines() if "Graph break" in line]
         result = dict(cap_gib=cap, fits=child.returncode == 0, wall_s=round(time.perf_counter() - start),
-                      flags=flags)
+                      graph_breaks=len(breaks), first_graph_breaks=breaks[:5], flags=flags)
         if child.returncode == 0:
             run = json.loads(Path(a.out, f"train_{name}_{a.tag}.json").read_text())
             result.update(peak_allocated_gib=round(run["peak_allocated_gib"], 2),

@@ -71,9 +71,9 @@ class TuneArguments:
     lora_dropout: float = 0.05
     lora_target_modules: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "regex over module names"})
     quantization: str = field(default="none", metadata={
-        "help": "none | nf4: the LLM's linear layers stored in 4 bits instead of 16 (QLoRA, with --use_lora; --q_lora true "
-                "is the same), for 16-24 GB GPUs. It changes the numerics, so it is never chosen for you; the adapters "
-                "also load on the bf16 model"})
+        "help": "none | nf4: the LLM's linear layers stored in 4 bits instead of 16 (QLoRA, with --use_lora; "
+                "--q_lora true is the same), for GPUs too small for bf16 LoRA. It changes the numerics, so it is never "
+                "chosen for you; the adapters also load on the bf16 model"})
 
 
 @dataclass

@@ -67,12 +67,13 @@ def prepare(cache=CACHE):
     return paths
 
 
-def evaluate(model_dir, test_file):
-    """Greedy predictions on the test file (finetune.predict); exact-match accuracy of the whole answer."""
+def evaluate(model_dir, test_file, quantization=None):
+    """Greedy predictions on the test file (finetune.predict); exact-match accuracy of the whole answer. With
+    `quantization` "nf4", on the base model in 4 bits (what a run with --quantization nf4 trained on)."""
     from .data.records import read_jsonl
     from .model import load_any
     from .predict import predict
-    model, tokenizer = load_any(model_dir, dtype=torch.float32)
+    model, tokenizer = load_any(model_dir, dtype=torch.float32, quantization=quantization)
     output = os.path.join(model_dir, "predictions.jsonl")
     if os.path.exists(output):
         os.remove(output)
@@ -85,7 +86,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="finetune_lora.sh")
     parser.add_argument("--output", default="output/demo")
+    parser.add_argument("--quantization", default="none", help="passed on to finetune.py; also used to evaluate")
     args, extra = parser.parse_known_args(argv)
+    extra += ["--quantization", args.quantization]
     start = time.time()
     paths = prepare()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +99,7 @@ def main(argv=None):
         print(f"\n=== demo: training on {variant} -> {out}", flush=True)
         subprocess.run(["bash", os.path.join(repo, args.script)] + TRAIN_ARGS + extra, env=env, check=True)
         test = paths["test"] if train == paths["train"] else paths["test_blank"]
-        results[variant] = evaluate(out, test)
+        results[variant] = evaluate(out, test, args.quantization)
     summary = {"accuracy_with_screenshots": results["screenshots"],
                "accuracy_blanked_control": results["blanked screenshots (control)"],
                "minutes": round((time.time() - start) / 60, 1), "output": args.output}

@@ -1,7 +1,9 @@
 """python -m finetune.merge_lora --adapter PATH --output DIR [--base BASE] [--dtype float16|bfloat16|float32]
 
 Folds a LoRA adapter (and the modules it trained in full) into its base model and writes a full checkpoint in
-the official layout, with the adapter's tokenizer files (inference chat template) and our model files.
+the official layout, with the adapter's tokenizer files (inference chat template) and our model files. An adapter
+trained on 4-bit base weights (--quantization nf4) is folded into the unquantized base as well: the result is the
+official weights plus what training learned, with no 4-bit rounding (use --dtype bfloat16).
 """
 import argparse
 import sys

@@ -60,8 +60,11 @@ def load_model(path, dtype=None, device=None, attn_implementation="sdpa", quanti
         from accelerate import PartialState
         from transformers.integrations import is_deepspeed_zero3_enabled
         placement = dict(quantization_config=quantization_config)
-        if not is_deepspeed_zero3_enabled():
-            placement["device_map"] = {"": torch.device(device) if device is not None else PartialState().device}
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and partitions) the model itself
+            device = torch.device(device) if device is not None else PartialState().device
+            if device.type == "cuda" and device.index is None:  # the Trainer compares it with its own "cuda:N"
+                device = torch.device("cuda", torch.cuda.current_device())
+            placement["device_map"] = {"": device}
     model, info = MiniCPMV.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation,
                                            output_loading_info=True, use_safetensors=True, **placement)
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}

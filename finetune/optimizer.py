@@ -1,5 +1,6 @@
 """AdamW on fp32 master weights for a bf16 model without DeepSpeed (what DeepSpeed's bf16 mode does): the model
-computes in bf16 throughout instead of under autocast with fp32 trainable weights cast at every use."""
+computes in bf16 throughout instead of under autocast with fp32 trainable weights cast at every use. The moments
+are fp32 or bf16 here, 8-bit through bitsandbytes in finetune.optimizer_8bit; `master_weight_optimizer` picks."""
 import torch
 
 

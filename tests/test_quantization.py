@@ -252,3 +252,26 @@ def test_q_lora_is_nf4_and_what_cannot_work_is_refused(ckpt_dir, train_data):
               "bfloat16"], "--optim adamw_bnb_8bit keeps the moments in 8 bits")):
         with pytest.raises(SystemExit, match=message):
             parse_args(base + flags)
+
+
+@pytest.mark.slow
+def test_demo_learns_from_the_screenshots_on_4bit_base_weights(tmp_path):
+    """The embedded demo's model and data through finetune_lora.sh with --quantization nf4, half the demo's steps
+    (300), screenshots only; held-out accuracy (exact answer, greedy, on the 4-bit base it trained on) over the
+    first 100 test screenshots. Why the blanked-screenshot control run is not needed here: every answer is drawn
+    independently of the prompt, uniformly among 4 options, so a model that does not read the image expects at
+    most 25 % (the demo's blanked runs score 12-19 %), and reaching 60 % of 100 that way has a chance below 1e-12.
+    Measured on this CPU (2026-12-03), 300 steps: 91 % on the 4-bit base (90 % with the adapters on the fp32 base),
+    against 89 % for the same run without quantization; loss curves within 2 % of each other from step 75."""
+    from finetune.demo import TRAIN_ARGS, evaluate, prepare
+    paths = prepare()
+    test = tmp_path / "test.jsonl"
+    folder = Path(paths["test"]).parent
+    rows = [json.loads(line) for line in Path(paths["test"]).read_text().splitlines()[:100]]
+    test.write_text("".join(json.dumps(dict(r, image=str(folder / r["image"]))) + "\n" for r in rows))
+    env = dict(os.environ, MODEL=paths["model"], DATA=paths["train"], OUTPUT_DIR=str(tmp_path / "nf4"),
+               GPUS_PER_NODE="1", MASTER_PORT=str(29800 + os.getpid() % 100))
+    out = subprocess.run(["bash", "finetune_lora.sh", *TRAIN_ARGS, "--max_steps", "300", "--quantization", "nf4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert evaluate(str(tmp_path / "nf4"), str(test), quantization="nf4") >= 0.6
