@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--checkpoint", required=True, help="model folder; random full-size weights are written if empty")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200", help="the machine, in the result names")
-    ap.add_argument("--steps", type=int, default=26)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=6, help="steps not timed (compilation happens in the first)")
     ap.add_argument("--eager", action="store_true", help="no compiled blocks (faster to start)")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
