@@ -42,8 +42,10 @@ V = CFG["vision_config"]
 N_VIT = V["num_hidden_layers"] * (4 * V["hidden_size"] ** 2 + 2 * V["hidden_size"] * V["intermediate_size"])
 
 
-def random_model(path, dtype, attn_implementation):
+def random_model(path, dtype, attn_implementation, quantization=None):
     """The full architecture with random weights, created on the GPU (partitioned under ZeRO-3)."""
+    if quantization not in (None, "none"):
+        raise SystemExit("4-bit weights are quantized as they load: pass --checkpoint (bench/launch_script_rate.py --make_checkpoint writes one)")
     config = MiniCPMVConfig.from_pretrained(path)
     if transformers.integrations.is_deepspeed_zero3_enabled():
         return MiniCPMV._from_config(config, dtype=dtype, attn_implementation=attn_implementation)

@@ -1,4 +1,7 @@
 """Finetuning toolkit for MiniCPM-Llama3-V 2.5."""
+from .quantization import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # before anything imports peft, which imports bitsandbytes
 
 
 def load(path, **kwargs):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from . import quantization
 from .cli import Parser
 from .data.mixing import parse_sources
 from .plan import DEFAULT_GLOBAL_BATCH, given_flags
@@ -82,11 +83,15 @@ class TuneArguments:
                 "rehearse a smaller card); default: the GPU's memory less a headroom"})
     use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM instead of all its "
                                                             "weights (the modules chosen by --tune_* train in full)"})
-    q_lora: bool = field(default=False, metadata={"help": "not supported (kept from the official scripts)"})
+    q_lora: bool = field(default=False, metadata={"help": "the official scripts' flag: --quantization nf4"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     lora_target_modules: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "regex over module names"})
+    quantization: str = field(default="none", metadata={
+        "help": "none | nf4: the LLM's linear layers stored in 4 bits instead of 16 (QLoRA, with --use_lora; "
+                "--q_lora true is the same), for GPUs too small for bf16 LoRA. It changes the numerics, so it is never "
+                "chosen for you; the adapters also load on the bf16 model"})
 
 
 @dataclass
@@ -180,9 +185,6 @@ def check(model_args, data_args, tune_args, training_args, given):
     if model_args.llm_type != "llama3":
         raise SystemExit(f"--llm_type {model_args.llm_type!r}: MiniCPM-Llama3-V 2.5 is a Llama-3 model, so only "
                          "'llama3' is valid (the official scripts' 'minicpm' is MiniCPM-V 2.0, 'qwen' is 2.6)")
-    if tune_args.q_lora:
-        raise SystemExit("--q_lora is not supported: the official QLoRA path never worked for this model (vision "
-                         "parameters cannot require gradients after 4-bit preparation); use --use_lora")
     if not model_args.model_name_or_path or not data_args.data_path:
         raise SystemExit("--model_name_or_path and --data_path are required")
     try:  # data file weights, checked before anything loads
@@ -218,6 +220,7 @@ def check(model_args, data_args, tune_args, training_args, given):
     if tune_args.gpu_memory_limit:
         from .plan import parse_gib
         parse_gib(tune_args.gpu_memory_limit)
+    quantization.check_arguments(tune_args, training_args)
 
 
 ABOUT = """Finetune MiniCPM-Llama3-V 2.5 (all weights, or LoRA with --use_lora true) on JSON/JSONL conversation data

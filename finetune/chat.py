@@ -9,6 +9,7 @@ from PIL import Image
 
 from .cli import Parser, image_file, model_folder, run
 from .model import default_dtype, load_any
+from .quantization import QUANTIZATIONS
 
 
 def answer(model, tokenizer, image, messages, greedy, max_new_tokens):
@@ -33,11 +34,14 @@ def main(argv=None):
     parser.add_argument("--prompt", help="ask this one question and exit (default: an interactive conversation)")
     parser.add_argument("--greedy", action="store_true", help="the official 3-beam search instead of sampling")
     parser.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="nf4: the LLM's linear layers in 4 bits (the weights in ~6 GiB instead of 16)")
     args = parser.parse_args(argv)
     model_folder(args.model, "--model", base=args.base)
     image_file(args.image, "--image")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device)
+    model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device,
+                                quantization=args.quantization)
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     image = Image.open(args.image).convert("RGB")
     messages = []

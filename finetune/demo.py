@@ -18,6 +18,7 @@ from .cli import Parser, output_folder, run
 from .data.synth import write_synthetic
 from .model_card import add_evaluation
 from .official_format import official_config, write_config, write_tokenizer
+from .quantization import QUANTIZATIONS
 
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "minicpmv-finetune", "demo-v7")
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -68,12 +69,13 @@ def prepare(cache=CACHE):
     return paths
 
 
-def evaluate(model_dir, test_file):
-    """Greedy predictions on the test file (finetune.predict); exact-match accuracy of the whole answer."""
+def evaluate(model_dir, test_file, quantization=None):
+    """Greedy predictions on the test file (finetune.predict); exact-match accuracy of the whole answer. With
+    `quantization` "nf4", on the base model in 4 bits (what a run with --quantization nf4 trained on)."""
     from .data.records import read_jsonl
     from .model import load_any
     from .predict import predict
-    model, tokenizer = load_any(model_dir, dtype=torch.float32)
+    model, tokenizer = load_any(model_dir, dtype=torch.float32, quantization=quantization)
     output = os.path.join(model_dir, "predictions.jsonl")
     if os.path.exists(output):
         os.remove(output)
@@ -87,7 +89,10 @@ def main(argv=None):
     parser.add_argument("--script", default="finetune_lora.sh", choices=["finetune_lora.sh", "finetune_ds.sh"],
                         help="the launch script that trains")
     parser.add_argument("--output", default="output/demo", help="folder for the two trained models and the results")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="nf4: train and evaluate on the LLM's weights in 4 bits (QLoRA)")
     args, extra = parser.parse_known_args(argv)  # the rest are finetune.py flags, for the launch script
+    extra += ["--quantization", args.quantization]
     output_folder(args.output, "--output")
     start = time.time()
     paths = prepare()
@@ -101,7 +106,7 @@ def main(argv=None):
         if status:
             raise SystemExit(status)  # the training run's own message is the last line printed
         test = paths["test"] if train == paths["train"] else paths["test_blank"]
-        results[variant] = evaluate(out, test)
+        results[variant] = evaluate(out, test, args.quantization)
         add_evaluation(out, test, [("held-out screenshots", "exact match", 100 * results[variant], N_TEST)])
     summary = {"accuracy_with_screenshots": results["screenshots"],
                "accuracy_blanked_control": results["blanked screenshots (control)"],

@@ -47,10 +47,12 @@ from .model import configure_trainable, load_model, load_tokenizer, read_config,
 from .model_card import ModelCardCallback
 from .plan import GIB, Hardware, ParameterCounts, Workload, deepspeed_config_for, fixed_from_args, make_plan, parse_gib
 from .preemption import StopOnSignal
+from .quantization import check_optimizer
 from .trainer import MemoryReport, MiniCPMVTrainer
 
 logger = logging.getLogger("finetune")
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # int8: the 8-bit --optim keeps its own
 
 
 def main_process_scan(paths, tokenizer, settings, options, args):
@@ -108,8 +110,8 @@ def hold_to_budget(tune_args):
 
 
 def main(argv=None, build_model=load_model):
-    """`build_model(path, dtype=, attn_implementation=)` returns the model; benchmarks pass one that builds
-    random weights of the same architecture."""
+    """`build_model(path, dtype=, attn_implementation=, quantization=)` returns the model; benchmarks pass one that
+    builds random weights of the same architecture."""
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, tune_args, training_args = parse_args(argv + distributed.prepare(argv))
     finetune_inputs(model_args, data_args, training_args)  # paths and machine, before anything loads
@@ -136,6 +138,7 @@ def main(argv=None, build_model=load_model):
     plan, deepspeed = setup_plan(argv, config, datasets, data_args, tune_args, training_args)
     hold_to_budget(tune_args)
     training_args = distributed.apply_plan(training_args, plan, deepspeed, plan.compile_blocks)
+    check_optimizer(training_args)  # bf16 and DeepSpeed are settled now
     data_args.padding_free, data_args.pad_to_multiple_of = plan.padding_free, plan.pad_to_multiple_of
     generate_samples = generation_samples(data_args, training_args)  # knows ZeRO-3 now
     fingerprint = run_fingerprint(model_args, data_args, tune_args, training_args)  # with the plan's batch and stage
@@ -146,7 +149,7 @@ def main(argv=None, build_model=load_model):
     attn_implementation = model_args.attn_implementation
     if plan.padding_free and attn_implementation == "sdpa":
         attn_implementation = SDPA_VARLEN  # SDPA, and flash's variable-length kernel for concatenated samples
-    model = build_model(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = build_model(path, dtype=dtype, attn_implementation=attn_implementation, quantization=tune_args.quantization)
     record_slicing(model, settings)
     model.config.use_cache = False
     model = configure_trainable(model, tune_args)
@@ -163,7 +166,7 @@ def main(argv=None, build_model=load_model):
     register_model_files()
 
     trainer = MiniCPMVTrainer(model=model, args=training_args, master_weights=master_weights, run_fingerprint=fingerprint,
-                              cuda_graphs=plan.cuda_graphs, moments_dtype=getattr(torch, plan.moments_dtype),
+                              cuda_graphs=plan.cuda_graphs, moments_dtype=MOMENTS_DTYPES.get(plan.moments_dtype, torch.float32),
                               train_dataset=datasets["train"], eval_dataset=datasets.get("eval"), processing_class=tokenizer,
                               data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,
                                                     pad_to_multiple_of=plan.pad_to_multiple_of,

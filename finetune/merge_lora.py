@@ -2,7 +2,8 @@
 
 Folds a LoRA adapter (and the modules it trained in full) into its base model and writes a full checkpoint in
 the official layout, with the adapter's tokenizer files (inference chat template), the slicing training used
-and our model files.
+and our model files. An adapter trained on 4-bit base weights (--quantization nf4) is folded into the unquantized
+base: the official weights plus what training learned, without the 4-bit rounding (use --dtype bfloat16).
 """
 import torch
 

@@ -9,6 +9,7 @@ from replace_file import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
 from replace_file.tokenization_minicpmv_fast import SPECIAL_TOKENS
 
 from .cli import UserError
+from .quantization import bitsandbytes_config
 
 
 class CheckpointError(ValueError, UserError):
@@ -44,20 +45,33 @@ def default_dtype():
     return torch.float32
 
 
-def load_model(path, dtype=None, device=None, attn_implementation="sdpa", config=None):
+def load_model(path, dtype=None, device=None, attn_implementation="sdpa", config=None, quantization=None):
     """The model in `dtype` (default bf16 on a GPU that has it, else fp32), strictly loaded; `config` (default:
-    the folder's) replaces the folder's config."""
+    the folder's) replaces the folder's config. `quantization` "nf4": the LLM's linear layers quantized to 4 bits
+    as they load (finetune.quantization), computing in `dtype`; such a model is placed as it loads, on `device`
+    (default: this process's accelerator), as it cannot be moved after."""
     config = config or read_config(path)
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
                               "weights are loaded)")
-    model, info = MiniCPMV.from_pretrained(path, config=config, dtype=dtype or default_dtype(),
-                                           attn_implementation=attn_implementation, output_loading_info=True,
-                                           use_safetensors=True)
+    dtype = dtype or default_dtype()
+    placement = {}
+    quantization_config = bitsandbytes_config(quantization, dtype)
+    if quantization_config is not None:
+        from accelerate import PartialState
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        placement = dict(quantization_config=quantization_config)
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and partitions) the model itself
+            device = torch.device(device) if device is not None else PartialState().device
+            if device.type == "cuda" and device.index is None:  # the Trainer compares it with its own "cuda:N"
+                device = torch.device("cuda", torch.cuda.current_device())
+            placement["device_map"] = {"": device}
+    model, info = MiniCPMV.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation,
+                                           output_loading_info=True, use_safetensors=True, **placement)
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
         raise CheckpointError(f"{path}: weights do not match the model: {problems or info['error_msgs']}")
-    return model.to(device) if device is not None else model
+    return model.to(device) if device is not None and not placement else model
 
 
 def load_tokenizer(path):
@@ -75,20 +89,22 @@ def is_lora_folder(path):
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-def load_any(path, base=None, dtype=None, device=None, attn_implementation="sdpa"):
+def load_any(path, base=None, dtype=None, device=None, attn_implementation="sdpa", quantization=None):
     """A base or full checkpoint, or a LoRA adapter folder on its base (`base`, else the path recorded in
-    adapter_config.json). Returns (model, tokenizer); the tokenizer and the config (the slicing training used)
-    come from the adapter folder when it has them."""
+    adapter_config.json), the base's LLM in 4 bits with `quantization="nf4"`. Returns (model, tokenizer); the
+    tokenizer and the config (the slicing training used) come from the adapter folder when it has them."""
     if not is_lora_folder(path):
-        return load_model(path, dtype, device, attn_implementation), load_tokenizer(path)
+        return load_model(path, dtype, device, attn_implementation, quantization=quantization), load_tokenizer(path)
     from peft import PeftModel
     base = base or json.load(open(os.path.join(path, "adapter_config.json")))["base_model_name_or_path"]
     if not base or not os.path.isdir(base):
         raise CheckpointError(f"{path} is a LoRA adapter whose base model folder {base!r} is not here; pass the base")
     has = {name: os.path.isfile(os.path.join(path, name)) for name in ("config.json", "tokenizer.json")}
     config = read_config(path if has["config.json"] else base)
-    model = PeftModel.from_pretrained(load_model(base, dtype, None, attn_implementation, config), path)
-    model = model.to(device) if device is not None else model
+    quantized = quantization not in (None, "none")  # placed as it loads: it cannot be moved after
+    model = load_model(base, dtype, device if quantized else None, attn_implementation, config, quantization)
+    model = PeftModel.from_pretrained(model, path)
+    model = model.to(device) if device is not None and not quantized else model
     return model, load_tokenizer(path if has["tokenizer.json"] else base)
 
 
@@ -113,7 +129,17 @@ def configure_trainable(model, tune):
     # adapters in the model's dtype: precision of the update is the optimizer's business (fp32 masters)
     model = LoraFolderModel(model, config, autocast_adapter_dtype=False)
     release_frozen_originals(model, keep=("embed_tokens",))
+    keep_4bit_training_layout(model)
     return model
+
+
+def keep_4bit_training_layout(model):
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights in place for CPU inference at its first forward in eval
+    mode without gradients (an evaluation during training) on CPUs with AVX512-BF16; its matmul then passes no
+    gradient back to the layer's input, silently. Layers being trained keep the layout that has a backward."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def release_frozen_originals(model, keep=()):

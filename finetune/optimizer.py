@@ -1,6 +1,9 @@
 """AdamW on fp32 master weights for a bf16 model without DeepSpeed (what DeepSpeed's bf16 mode does): the model
-computes in bf16 throughout instead of under autocast with fp32 trainable weights cast at every use."""
+computes in bf16 throughout instead of under autocast with fp32 trainable weights cast at every use. The moments
+are fp32 or bf16 here, 8-bit through bitsandbytes in finetune.optimizer_8bit; `master_weight_optimizer` picks."""
 import torch
+
+from .quantization import EIGHT_BIT_OPTIMIZERS
 
 
 def adamw_update(master, grad, exp_avg, exp_avg_sq, coefficients):
@@ -37,13 +40,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def __init__(self, param_groups, moments_dtype=torch.float32, **kwargs):
         self.moments_dtype = moments_dtype
-        self.model_groups, groups = [], []
-        for group in param_groups:
-            params = list(group["params"])
-            self.model_groups.append(params)
-            master = torch.cat([p.detach().float().flatten() for p in params])
-            groups.append(dict(group, params=[master]))
-        super().__init__(groups, **kwargs)
+        self.model_groups = [list(group["params"]) for group in param_groups]
+        super().__init__([dict(group, params=[flat_master(params)])
+                          for group, params in zip(param_groups, self.model_groups)], **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -57,10 +56,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(master, dtype=self.moments_dtype),
                              exp_avg_sq=torch.zeros_like(master, dtype=self.moments_dtype), master=master)
             state["step"] += 1
-            # the (already clipped) gradients, concatenated in their own dtype (one batched copy), freed at once
-            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-            for p in params:
-                p.grad = None
+            grad = take_grads(params)
             (beta1, beta2), step, lr = group["betas"], state["step"].item(), group["lr"]
             coefficients = torch.tensor([1 - lr * group["weight_decay"], lr / (1 - beta1 ** step),
                                          (1 - beta2 ** step) ** 0.5, 1 - beta1, beta2, 1 - beta2, group["eps"]])
@@ -71,24 +67,66 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 update = adamw_update
             weights = update(master, grad, state["exp_avg"], state["exp_avg_sq"], coefficients)
             del grad
-            weights = weights.split([p.numel() for p in params])
-            torch._foreach_copy_(params, [w.view_as(p) for w, p in zip(weights, params)])
+            write_back(params, weights)
 
     @torch.no_grad()
     def load_state_dict(self, state_dict):
-        # torch casts the saved state to the masters' dtype: moments go back to moments_dtype. Checkpoints
-        # without masters (earlier versions) restart them from the 16-bit model weights.
+        # torch casts the saved state to the masters' dtype: moments go back to moments_dtype
         super().load_state_dict(state_dict)
-        for group, params in zip(self.param_groups, self.model_groups):
-            master = group["params"][0]
-            state = self.state[master]
-            saved = state.pop("master", None)
-            if saved is not None:
-                master.copy_(saved)
-            else:
-                torch.cat([p.float().flatten() for p in params], out=master)
-            if state:
-                state["master"] = master
+        restore_masters(self)
+        for group in self.param_groups:
+            state = self.state[group["params"][0]]
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key] = state[key].to(self.moments_dtype)
+
+
+def flat_master(params):
+    """fp32 copies of 16-bit parameters, concatenated."""
+    return torch.cat([p.detach().float().flatten() for p in params])
+
+
+def take_grads(params):
+    """The (already clipped) gradients, concatenated in their own dtype (one batched copy), freed at once; a
+    parameter without one counts as a zero gradient."""
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    for p in params:
+        p.grad = None
+    return grad
+
+
+def write_back(params, weights):
+    """The flat new weights (in the parameters' dtype) into the parameters: one multi-tensor copy."""
+    weights = weights.split([p.numel() for p in params])
+    torch._foreach_copy_(params, [w.view_as(p) for w, p in zip(weights, params)])
+
+
+@torch.no_grad()
+def restore_masters(optimizer):
+    """After `load_state_dict`: the optimizer's parameters are flat fp32 masters (`optimizer.model_groups[i]` the
+    16-bit parameters behind group i, concatenated in order), each also in its own state so that checkpoints
+    resume exactly; each takes its saved value back. States saved without masters (earlier versions) restart
+    them from the 16-bit model weights."""
+    for group, params in zip(optimizer.param_groups, optimizer.model_groups):
+        weights, start = None, 0
+        for master in group["params"]:
+            state = optimizer.state[master]
+            saved = state.pop("master", None)
+            if saved is None:
+                weights = flat_master(params) if weights is None else weights
+                saved = weights[start:start + master.numel()]
+            master.copy_(saved)
+            start += master.numel()
+            if state:
+                state["master"] = master
+
+
+def master_weight_optimizer(optim, param_groups, moments_dtype=torch.float32, embeddings=(), **kwargs):
+    """The AdamW on fp32 masters that `--optim` names: this module's (moments in fp32 or `moments_dtype`), or with
+    8-bit moments (finetune.optimizer_8bit; `embeddings`, the embedding weights among the parameters, keep 32-bit
+    moments there, as the Trainer does for bitsandbytes' optimizers)."""
+    optim = getattr(optim, "value", optim)  # the Trainer's arguments hold an enum
+    if optim in EIGHT_BIT_OPTIMIZERS:
+        from .optimizer_8bit import MasterWeightAdamW8bit
+        return MasterWeightAdamW8bit(param_groups, paged=EIGHT_BIT_OPTIMIZERS[optim], embeddings=embeddings, **kwargs)
+    return MasterWeightAdamW(param_groups, moments_dtype=moments_dtype, **kwargs)

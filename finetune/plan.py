@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .quantization import EIGHT_BIT_OPTIMIZERS, NF4_BYTES_PER_WEIGHT
+
 GIB = 2 ** 30
 HEADROOM_GIB = 2.0  # CUDA context, allocator fragmentation, the collectives' buffers
 LIMIT_MARGIN = 0.05  # of a --gpu_memory_limit, for the allocator's fragmentation
@@ -154,7 +156,7 @@ class Workload:
         share = 0.0
         if shapes:
             share = sum(len(indices) for _, indices in shapes[:32]) / max(len(entries), 1)
-        return cls(counts, tune.use_lora, tune.tune_vision, tune.tune_resampler, getattr(tune, "quantization", "none"),
+        return cls(counts, tune.use_lora, tune.tune_vision, tune.tune_resampler, tune.quantization,
                    entries["length"].astype(np.float64),
                    (entries["image_units"] * entries["widest_unit"]).astype(np.float64), share)
 
@@ -229,19 +231,25 @@ def activation_bytes(work, modules, every_n, tokens, patches):
     return llm + vision + resampler
 
 
+# Bytes of AdamW's two moments per trained parameter: fp32, bf16 (finetune.optimizer), 8-bit (bitsandbytes' blockwise
+# states, --optim adamw_bnb_8bit; their per-block scales are a fraction of a byte per parameter)
+MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "int8": 2}
+
+
 def static_bytes(work, zero_stage, offload, moments_dtype, gpus, weight_bytes=2):
     """Weights, gradients and optimizer states per GPU. Without DeepSpeed: fp32 masters + moments (finetune.optimizer);
     ZeRO: fp32 partitions of masters, moments and gradients, split over the GPUs by stage."""
     c = work.counts
     weights = (c.total + c.lora + c.trained_copies) * weight_bytes
-    if work.quantization == "nf4":  # 4 bits per weight, one 8-bit scale per 64 weights, fp32 scales of those per 256
-        weights -= c.llm_linear * (weight_bytes - 0.5 - 1 / 64 - 4 / (64 * 256))
+    if work.quantization == "nf4":  # the LLM's projections in 4 bits, with their scales
+        weights -= c.llm_linear * (weight_bytes - NF4_BYTES_PER_WEIGHT)
     t = c.trained
     if zero_stage == 0:
-        return weights + 2 * t + (4 + (8 if moments_dtype == "float32" else 4)) * t
+        return weights + 2 * t + (4 + MOMENT_BYTES[moments_dtype]) * t
     shard = gpus
     grads = 2 * t / (shard if zero_stage >= 2 else 1)
-    optimizer = 0 if offload != "none" else 16 * t / shard  # fp32 masters, two moments, fp32 gradient partition
+    # fp32 masters, two moments, fp32 gradient partition
+    optimizer = 0 if offload != "none" else (8 + MOMENT_BYTES[moments_dtype]) * t / shard
     if zero_stage == 3:  # plus the blocks gathered at a time and the parameters kept whole (persistence threshold)
         weights = (weights / shard if offload != "optimizer+params" else 0) + min(0.6e9, c.total) * weight_bytes
     return weights + grads + optimizer + 2 * min(5e8, c.total) * 2  # reduce and all-gather buckets (bf16)
@@ -287,7 +295,7 @@ class Fixed:
     padding_free: bool = None
     pad_to_multiple_of: int = None
     cuda_graphs: bool = None
-    moments_dtype: str = None
+    moments_dtype: str = None      # float32 | bfloat16 | int8 (an 8-bit --optim)
     zero_stage: int = None
     offload: str = None
     global_batch_size: int = None
@@ -319,7 +327,7 @@ def make_plan(work, hw, fixed=None, budget_gib=None):
         best = min(pool, key=lambda c: c["peak"])
     plan = _build(work, hw, fixed, best, budget, global_batch, per_gpu, bool(fitting), reasons)
     if not fitting:
-        plan.suggestions = _suggestions(work, hw, best)
+        plan.suggestions = _suggestions(work, hw, fixed, budget_gib, best)
     return plan
 
 
@@ -400,7 +408,7 @@ def _cuda_graphs_pay(work, hw, zero, modules, mbs):
     """One sample per step on one GPU leaves it waiting for kernel launches; graphs replay them, if the data has
     few shapes (each new shape is recorded once, seconds each)."""
     return (hw.gpu and hw.gpus == 1 and zero == 0 and mbs == 1 and modules == "none"
-            and work.common_shapes_share >= 0.9)
+            and work.common_shapes_share >= 0.9 and work.quantization == "none")  # untested with 4-bit kernels
 
 
 def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons):
@@ -437,15 +445,22 @@ def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons):
     return plan
 
 
-def _suggestions(work, hw, smallest):
+def _suggestions(work, hw, fixed, budget_gib, smallest):
     need = smallest["peak"] / GIB + HEADROOM_GIB
     out = [f"a GPU with at least {math.ceil(need)} GiB (--gpu_memory_limit {math.ceil(need)}GiB)"]
-    budget = hw.memory_gib - HEADROOM_GIB
-    more = next((n for n in (2, 4, 8, 16, 32, 64) if n > hw.gpus and make_plan(
-        work, Hardware(n, hw.memory_gib, hw.bf16, hw.name, hw.peak_flops, hw.gpu),
-        Fixed(global_batch_size=max(DEFAULT_GLOBAL_BATCH, n)), budget).fits), None)
+
+    def fits(work=work, hw=hw, fixed=fixed):
+        return make_plan(work, hw, fixed, budget_gib).fits
+
+    more = next((n for n in (2, 4, 8, 16, 32, 64) if n > hw.gpus and fits(
+        hw=dataclasses.replace(hw, gpus=n), fixed=Fixed(global_batch_size=max(DEFAULT_GLOBAL_BATCH, n)))), None)
     if more:
         out.append(f"{more} GPUs of this size (ZeRO shares the weights and optimizer states among them)")
+    # numerics change with 4-bit weights: proposed, never chosen
+    if work.use_lora and work.quantization == "none" and fits(work=dataclasses.replace(work, quantization="nf4")):
+        out.append("4-bit base weights: --quantization nf4 (QLoRA; it changes the numerics, so it is not chosen for you)")
+    if fixed.moments_dtype is None and fits(fixed=dataclasses.replace(fixed, moments_dtype="int8")):
+        out.append("8-bit optimizer states: --optim adamw_bnb_8bit")
     if not work.use_lora:
         out.append("LoRA (bash finetune_lora.sh) instead of full finetuning")
     if work.tune_vision:
@@ -483,6 +498,8 @@ def fixed_from_args(argv, data_args, tune_args, training_args, deepspeed_config=
     fixed.padding_free = data_args.padding_free
     fixed.pad_to_multiple_of = data_args.pad_to_multiple_of
     fixed.moments_dtype = tune_args.optimizer_moments_dtype
+    if getattr(training_args.optim, "value", training_args.optim) in EIGHT_BIT_OPTIMIZERS:
+        fixed.moments_dtype = "int8"
     if {"--bf16", "--fp16"} & given:
         fixed.bf16 = training_args.bf16
     if deepspeed_config is not None:

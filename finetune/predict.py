@@ -1,7 +1,7 @@
 """python -m finetune.predict --model PATH --data TEST.jsonl[,MORE.jsonl] --output preds.jsonl [generation flags]
 
 Batched generation for a base, full or LoRA checkpoint: greedy by default (what evaluation wants), beams or
-sampling on request; bf16 on a GPU, fp32 on CPU. Writes one JSON object per line, {"id", "source" (its data file),
+sampling on request; bf16 on a GPU, fp32 on CPU (the LLM's linear layers in 4 bits with --quantization nf4). Writes one JSON object per line, {"id", "source" (its data file),
 "prediction", "answer" (the sample's last assistant turn, when it has one), "type"}, flushed as it goes: a rerun
 skips samples already written. A sample that cannot be read or generated is written with its "error" and skipped.
 
@@ -28,6 +28,7 @@ from .data.dataset import placeholder_token_count
 from .data.mixing import data_files, source_key
 from .data.records import RecordFile, open_image, read_jsonl
 from .model import default_dtype, load_any
+from .quantization import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 BATCH_SIZE = 128  # halved automatically where it does not fit
@@ -211,6 +212,9 @@ def main(argv=None):
     parser.add_argument("--top_p", type=float, default=0.8, help="with --do_sample")
     parser.add_argument("--top_k", type=int, default=100, help="with --do_sample")
     parser.add_argument("--repetition_penalty", type=float, default=1.0, help="above 1: fewer repeated tokens")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="nf4: the LLM's linear layers in 4 bits (the weights in ~6 GiB instead of 16); for a "
+                             "LoRA adapter trained with --quantization nf4, what it trained on")
     args = parser.parse_args(argv)
     model_folder(args.model, "--model", base=args.base)
     try:
@@ -220,7 +224,8 @@ def main(argv=None):
         parser.error(str(e))
     output_file(args.output, "--output")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device)
+    model, tokenizer = load_any(args.model, base=args.base, dtype=default_dtype(), device=device,
+                                quantization=args.quantization)
     model.eval()
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                            repetition_penalty=args.repetition_penalty)

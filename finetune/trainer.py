@@ -15,7 +15,7 @@ from .checkpoint import CompleteCheckpoints
 from .cli import UserError
 from .data.collator import HOST_KEYS
 from .data.sampler import EpochLengthGroupedSampler
-from .optimizer import MasterWeightAdamW
+from .optimizer import master_weight_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,11 @@ class MiniCPMVTrainer(CompleteCheckpoints, Trainer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-        self.optimizer = MasterWeightAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
-                                           betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-                                           moments_dtype=self.moments_dtype)
+        embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        self.optimizer = master_weight_optimizer(self.args.optim, [g for g in groups if g["params"]],
+                                                 moments_dtype=self.moments_dtype, embeddings=embeddings,
+                                                 lr=self.args.learning_rate, eps=self.args.adam_epsilon,
+                                                 betas=(self.args.adam_beta1, self.args.adam_beta2))
         return self.optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

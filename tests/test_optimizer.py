@@ -84,3 +84,54 @@ def test_compiled_adamw_update_matches_eager():
             assert torch.equal(weights, compiled[0].bfloat16()) and compiled[1].dtype == moments_dtype
             for ours, reference in zip(compiled, eager):
                 torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_master_weight_adamw_8bit_is_bitsandbytes_adamw8bit_on_the_masters(monkeypatch):
+    """--optim adamw_bnb_8bit on a bf16 model without DeepSpeed: bitsandbytes' AdamW8bit applied to the fp32
+    concatenation of each group's parameters, exactly; the parameters are the masters' rounding; embedding weights
+    keep 32-bit moments (as the Trainer keeps them for bitsandbytes' optimizers); a resumed optimizer continues
+    exactly. Masters larger than a chunk are updated chunk by chunk (whole 256-element blocks of the 8-bit states):
+    the same update up to fp32 rounding (at chunk ends the CPU kernel rounds a few elements one ulp apart, which
+    later steps' 8-bit states can amplify, so one step is compared)."""
+    from finetune import optimizer_8bit  # first: it quiets bitsandbytes' import
+    from finetune.optimizer import master_weight_optimizer
+    import bitsandbytes as bnb
+
+    def run(steps):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in ((64, 70), (300,))]
+        embedding = torch.nn.Parameter(torch.randn(50, 16).bfloat16())
+        ours = master_weight_optimizer("adamw_bnb_8bit", [{"params": params + [embedding], "weight_decay": 0.1}],
+                                       embeddings=[embedding], lr=1e-2, betas=(0.9, 0.95))
+        reference = torch.nn.Parameter(torch.cat([p.detach().float().flatten() for p in params]))
+        reference_embedding = torch.nn.Parameter(embedding.detach().float())
+        references = [bnb.optim.AdamW8bit([reference], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
+                      bnb.optim.AdamW([reference_embedding], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)]
+        for _ in range(steps):
+            for p in params + [embedding]:
+                p.grad = torch.randn(p.shape).bfloat16()
+            reference.grad = torch.cat([p.grad.float().flatten() for p in params])
+            reference_embedding.grad = embedding.grad.float()
+            ours.step(), references[0].step(), references[1].step()
+            assert torch.equal(torch.cat([p.detach().flatten() for p in params]), ours.flat_masters[0].bfloat16())
+            assert all(p.grad is None for p in params + [embedding])
+        return ours, params + [embedding], (reference.detach(), reference_embedding.detach().flatten())
+
+    ours, params, references = run(4)
+    assert all(torch.equal(m, r) for m, r in zip(ours.flat_masters, references))
+    assert [ours.state[group["params"][0]]["state1"].dtype for group in ours.param_groups] == [torch.uint8, torch.float32]
+    saved = io.BytesIO()
+    torch.save(ours.state_dict(), saved)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = master_weight_optimizer("adamw_bnb_8bit", [{"params": copies, "weight_decay": 0.1}],
+                                      embeddings=copies[-1:], lr=1e-2, betas=(0.9, 0.95))
+    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    for p, c in zip(params, copies):
+        p.grad = c.grad = torch.randn(p.shape).bfloat16()
+    ours.step(), resumed.step()
+    assert all(torch.equal(p, c) for p, c in zip(params, copies))
+
+    monkeypatch.setattr(optimizer_8bit, "CHUNK", 2048)
+    ours, _, references = run(1)
+    assert [m.numel() for m in ours.param_groups[0]["params"]] == [2048, 2048, 684]
+    torch.testing.assert_close(ours.flat_masters[0], references[0], rtol=1e-6, atol=1e-7)

@@ -1,6 +1,7 @@
 """The planner (finetune.plan): plans that fit their budget, tighter budgets that never get a larger micro-batch or
 less recomputation, flags that win, impossible budgets refused with the figure that would fit, the dry run without a
 GPU or weights, and the plan a CPU run prints."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -132,6 +133,24 @@ def test_4bit_weights_shrink_the_predicted_peak_by_the_llm_projections():
                  for q in ("none", "nf4"))
     saved = (bf16.predicted_peak_gib - nf4.predicted_peak_gib) * GIB
     assert saved == pytest.approx(workload().counts.llm_linear * 1.48, rel=0.01)
+
+
+def test_4bit_weights_are_proposed_where_bf16_lora_does_not_fit_and_they_would():
+    work = workload(tune_vision=True)
+    for memory in (16, 12, 6):
+        plan = make_plan(work, Hardware.named(1, memory, "GPU"))
+        nf4 = make_plan(dataclasses.replace(work, quantization="nf4"), Hardware.named(1, memory, "GPU"))
+        assert not plan.fits
+        assert any("--quantization nf4" in s for s in plan.suggestions) == nf4.fits, memory
+    assert not any("--quantization nf4" in s for s in make_plan(workload(False, True), Hardware.named(1, 16)).suggestions)
+
+
+def test_8bit_moments_take_2_bytes_per_trained_parameter():
+    work = workload(False, True)
+    same = dict(micro_batch_size=1, recompute=("all", 1), zero_stage=0)
+    fp32, int8 = (make_plan(work, Hardware.named(1, 141, "H200"), Fixed(moments_dtype=m, **same))
+                  for m in ("float32", "int8"))
+    assert (fp32.predicted_peak_gib - int8.predicted_peak_gib) * GIB == pytest.approx(6 * work.counts.trained, rel=0.01)
 
 
 def test_memory_sizes_are_read_as_written():

@@ -334,12 +334,10 @@ def test_non_finite_loss_stops_with_step_and_samples(ckpt_dir, train_data, tmp_p
     assert (tmp_path / "o" / "checkpoint-1" / "trainer_state.json").exists()
 
 
-def test_wrong_llm_type_qlora_bf16_moments_without_bf16_and_padding_flags_are_refused(ckpt_dir, train_data):
+def test_wrong_llm_type_bf16_moments_without_bf16_and_padding_flags_are_refused(ckpt_dir, train_data):
     base = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json")]
     out = run_finetune(base + ["--llm_type", "minicpm"])
     assert out.returncode != 0 and "only 'llama3' is valid" in out.stderr
-    out = run_finetune(base + ["--q_lora", "true"])
-    assert out.returncode != 0 and "--q_lora is not supported" in out.stderr
     out = run_finetune(base + ["--optimizer_moments_dtype", "bfloat16"])  # an fp32 run on this CPU
     assert out.returncode != 0 and "--optimizer_moments_dtype bfloat16 needs bf16" in out.stderr
     with pytest.raises(SystemExit, match="--pad_to_multiple_of must be >= 1"):
