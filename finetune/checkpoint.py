@@ -8,6 +8,7 @@ any moment therefore leaves the newest complete checkpoint usable: the Trainer's
 deletes older folders only after a new one is complete, and the interrupted saves it would count as newer are
 removed before training starts. Each checkpoint also holds the run's fingerprint (run_fingerprint.json: model,
 data files, the flags that change training), so that re-running a command never continues a different run."""
+import copy
 import hashlib
 import json
 import logging
@@ -72,7 +73,10 @@ class LoraFolderModel(PeftModel):
     def save_pretrained(self, save_directory, is_main_process=True, **kwargs):
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if is_main_process:
-            self.get_base_model().config.save_pretrained(save_directory)
+            config = copy.deepcopy(self.get_base_model().config)
+            if hasattr(config, "quantization_config"):  # 4-bit weights are chosen when loading (--quantization nf4),
+                del config.quantization_config  # not by the folder: the config applies to the bf16 base too
+            config.save_pretrained(save_directory)
 
 
 def checkpoint_folders(output_dir):
