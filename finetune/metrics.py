@@ -124,17 +124,25 @@ def point_in_box(point, box):
     return min(box[0], box[2]) <= point[0] <= max(box[0], box[2]) and min(box[1], box[3]) <= point[1] <= max(box[1], box[3])
 
 
+def bare_shape(text):
+    """An answer without tags: a bare `(x,y)` as ("point", [x, y]), `(x1,y1),(x2,y2)` as ("box", [x1, y1, x2, y2]);
+    None for anything else."""
+    pairs = BARE_PAIR_RE.findall(text)
+    if len(pairs) not in (1, 2):
+        return None
+    return "point" if len(pairs) == 1 else "box", [float(v) for pair in pairs for v in pair]
+
+
 def click_point(text):
     """Where a grounding answer clicks: its first <point>, else the centre of its first <box> (either style), else
-    a bare `(x,y)`; a bare `(x1,y1),(x2,y2)` is a box. Raises Unparseable."""
+    its bare point or the centre of its bare box. Raises Unparseable."""
     if BOX_RE.search(text) or POINT_RE.search(text):
         return _target_point(text)
-    pairs = BARE_PAIR_RE.findall(text)
-    if len(pairs) == 1:
-        return tuple(float(v) for v in pairs[0])
-    if len(pairs) == 2:
-        return box_centre([float(v) for pair in pairs for v in pair])
-    raise Unparseable(f"no <point>, <box> or (x,y) in {text!r:.200}")
+    bare = bare_shape(text)
+    if bare is None:
+        raise Unparseable(f"no <point>, <box> or (x,y) in {text!r:.200}")
+    shape, values = bare
+    return tuple(values) if shape == "point" else box_centre(values)
 
 
 def _direction(dx, dy):

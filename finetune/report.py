@@ -89,13 +89,17 @@ def thumbnails(paths):
 
 
 def shapes(text, kind):
-    """Boxes and points of a text as drawing instructions (0-1000 coordinates); malformed ones are left out."""
+    """Boxes and points of a text as drawing instructions (0-1000 coordinates); malformed ones are left out. A text
+    without tags may be a bare point or box, as the grounding benchmarks' answers often are."""
     found = []
     for parse, shape in ((metrics.parse_boxes, "box"), (metrics.parse_points, "point")):
         try:
             found += [{"shape": shape, "kind": kind, "xy": list(v)} for v in parse(text)]
         except metrics.Unparseable:
             pass
+    bare = None if found else metrics.bare_shape(text)
+    if bare:
+        found = [{"shape": bare[0], "kind": kind, "xy": bare[1]}]
     return found
 
 

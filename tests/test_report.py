@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from finetune.data.synth import cell_box, write_synthetic
-from finetune.report import GOLD, PREDICTED
+from finetune.report import GOLD, PREDICTED, shapes
 from .conftest import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,6 +187,14 @@ def test_a_picture_of_the_page_shows_the_boxes_where_the_answers_put_them(chromi
     # inside the boxes, away from their edges: the screenshot, not the boxes' colours
     for x1, y1, x2, y2 in (gold, predicted):
         assert not shows(GOLD, (x1 + x2) / 2, (y1 + y2) / 2) and not shows(PREDICTED, (x1 + x2) / 2, (y1 + y2) / 2)
+
+
+def test_bare_points_and_boxes_are_drawn_as_the_grounding_scorers_read_them():
+    assert shapes("(512, 300)", "predicted") == [{"shape": "point", "kind": "predicted", "xy": [512.0, 300.0]}]
+    assert shapes("(10,20),(30,40)", "gold") == [{"shape": "box", "kind": "gold", "xy": [10.0, 20.0, 30.0, 40.0]}]
+    tagged = shapes("<point>(1,2)</point> or (5,6)", "predicted")  # tags win over bare pairs, as in scoring
+    assert tagged == [{"shape": "point", "kind": "predicted", "xy": [1.0, 2.0]}]
+    assert shapes("(1,2),(3,4),(5,6)", "predicted") == [] and shapes("no idea", "predicted") == []
 
 
 def test_training_writes_its_curves_with_one_point_per_logged_step(train_data, ckpt_dir, tmp_path):  # noqa: F811
