@@ -92,7 +92,8 @@ def main(argv=None):
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                         help="nf4: train and evaluate on the LLM's weights in 4 bits (QLoRA)")
     args, extra = parser.parse_known_args(argv)  # the rest are finetune.py flags, for the launch script
-    extra += ["--quantization", args.quantization]
+    if args.quantization != "none":
+        extra += ["--quantization", args.quantization]
     output_folder(args.output, "--output")
     start = time.time()
     paths = prepare()
