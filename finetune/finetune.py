@@ -138,7 +138,10 @@ def main(argv=None, build_model=load_model):
     plan, deepspeed = setup_plan(argv, config, datasets, data_args, tune_args, training_args)
     hold_to_budget(tune_args)
     training_args = distributed.apply_plan(training_args, plan, deepspeed, plan.compile_blocks)
-    check_optimizer(training_args)  # bf16 and DeepSpeed are settled now
+    # bf16 without DeepSpeed (settled now): compute in bf16 throughout (no autocast), fp32 master weights in the
+    # optimizer (finetune.optimizer), which --optim may only choose the moments of
+    master_weights = training_args.bf16 and not training_args.deepspeed
+    check_optimizer(training_args.optim, master_weights)
     data_args.padding_free, data_args.pad_to_multiple_of = plan.padding_free, plan.pad_to_multiple_of
     generate_samples = generation_samples(data_args, training_args)  # knows ZeRO-3 now
     fingerprint = run_fingerprint(model_args, data_args, tune_args, training_args)  # with the plan's batch and stage
@@ -156,8 +159,6 @@ def main(argv=None, build_model=load_model):
     apply_recompute(model, plan.recompute, plan.recompute_every_n_layers, training_args.gradient_checkpointing_kwargs)
     if plan.compile_blocks:
         compile_blocks(model, plan.cuda_graphs)
-    # bf16 without DeepSpeed: compute in bf16 throughout (no autocast), fp32 master weights in the optimizer
-    master_weights = training_args.bf16 and not training_args.deepspeed
     if master_weights:
         training_args.bf16 = False
     elif training_args.fp16 and not training_args.deepspeed:

@@ -3,7 +3,7 @@ computes in bf16 throughout instead of under autocast with fp32 trainable weight
 are fp32 or bf16 here, 8-bit through bitsandbytes in finetune.optimizer_8bit; `master_weight_optimizer` picks."""
 import torch
 
-from .quantization import EIGHT_BIT_OPTIMIZERS
+from .quantization import EIGHT_BIT_OPTIMIZERS, optim_name
 
 
 def adamw_update(master, grad, exp_avg, exp_avg_sq, coefficients):
@@ -125,7 +125,7 @@ def master_weight_optimizer(optim, param_groups, moments_dtype=torch.float32, em
     """The AdamW on fp32 masters that `--optim` names: this module's (moments in fp32 or `moments_dtype`), or with
     8-bit moments (finetune.optimizer_8bit; `embeddings`, the embedding weights among the parameters, keep 32-bit
     moments there, as the Trainer does for bitsandbytes' optimizers)."""
-    optim = getattr(optim, "value", optim)  # the Trainer's arguments hold an enum
+    optim = optim_name(optim)
     if optim in EIGHT_BIT_OPTIMIZERS:
         from .optimizer_8bit import MasterWeightAdamW8bit
         return MasterWeightAdamW8bit(param_groups, paged=EIGHT_BIT_OPTIMIZERS[optim], embeddings=embeddings, **kwargs)

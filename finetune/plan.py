@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .quantization import EIGHT_BIT_OPTIMIZERS, NF4_BYTES_PER_WEIGHT
+from .quantization import EIGHT_BIT_OPTIMIZERS, NF4_BYTES_PER_WEIGHT, optim_name
 
 GIB = 2 ** 30
 HEADROOM_GIB = 2.0  # CUDA context, allocator fragmentation, the collectives' buffers
@@ -498,7 +498,7 @@ def fixed_from_args(argv, data_args, tune_args, training_args, deepspeed_config=
     fixed.padding_free = data_args.padding_free
     fixed.pad_to_multiple_of = data_args.pad_to_multiple_of
     fixed.moments_dtype = tune_args.optimizer_moments_dtype
-    if getattr(training_args.optim, "value", training_args.optim) in EIGHT_BIT_OPTIMIZERS:
+    if optim_name(training_args.optim) in EIGHT_BIT_OPTIMIZERS:
         fixed.moments_dtype = "int8"
     if {"--bf16", "--fp16"} & given:
         fixed.bf16 = training_args.bf16

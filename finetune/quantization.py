@@ -64,9 +64,14 @@ def require_bitsandbytes(flag):
         raise SystemExit(f"{flag} needs bitsandbytes: pip install bitsandbytes (it is in requirements.txt)")
 
 
+def optim_name(optim):
+    """`--optim` as its name: the Trainer's arguments hold an enum, whose members do not look up as strings."""
+    return getattr(optim, "value", optim)
+
+
 def check_arguments(tune_args, training_args):
     """Stop combinations that cannot work, with the reason; `--q_lora true` (the official flag) means nf4."""
-    optim = getattr(training_args.optim, "value", training_args.optim)
+    optim = optim_name(training_args.optim)
     if optim in EIGHT_BIT_OPTIMIZERS:
         if tune_args.optimizer_moments_dtype == "bfloat16":
             raise SystemExit(f"--optim {optim} keeps the moments in 8 bits: drop --optimizer_moments_dtype")
@@ -88,12 +93,11 @@ def check_arguments(tune_args, training_args):
     require_bitsandbytes("--quantization nf4")
 
 
-def check_optimizer(training_args):
-    """Once the plan has settled bf16 and DeepSpeed: bf16 runs without DeepSpeed train with AdamW on fp32 masters
-    (finetune.optimizer), so --optim may only choose how its moments are stored. Elsewhere the Trainer builds the
-    optimizer --optim names (under DeepSpeed, on DeepSpeed's fp32 partitions)."""
-    optim = getattr(training_args.optim, "value", training_args.optim)
-    master_weights = training_args.bf16 and not training_args.deepspeed
+def check_optimizer(optim, master_weights):
+    """Once the plan has settled bf16 and DeepSpeed: runs with `master_weights` (bf16 without DeepSpeed) train with
+    AdamW on fp32 masters (finetune.optimizer), so --optim may only choose how its moments are stored. Elsewhere the
+    Trainer builds the optimizer --optim names (under DeepSpeed, on DeepSpeed's fp32 partitions)."""
+    optim = optim_name(optim)
     if master_weights and optim not in FP32_STATE_OPTIMIZERS + tuple(EIGHT_BIT_OPTIMIZERS):
         raise SystemExit(f"--optim {optim}: bf16 runs without DeepSpeed use AdamW on fp32 master weights, with "
                          f"moments in fp32 ({' or '.join(FP32_STATE_OPTIMIZERS)}) or 8 bits "
