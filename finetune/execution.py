@@ -1,10 +1,14 @@
 """Applying a plan's execution choices to a built model: which blocks are recomputed in the backward pass, which
 blocks are compiled. The choices themselves are made in finetune.plan; these functions only carry them out."""
 import functools
+import logging
 
 import torch
 import torch.utils.checkpoint
+from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
+
+logger = logging.getLogger(__name__)
 
 RECOMPUTE_MODULES = ("none", "resampler", "vision", "llm", "all")
 
@@ -64,3 +68,28 @@ def upcast_trainable(model):
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+
+
+class GraphBreakReport(TrainerCallback):
+    """Says which parts of the compiled blocks dynamo could not trace (a graph break: that part runs eagerly, the
+    run goes on, slower), after the first step, when every block has been compiled, and at the end for any new."""
+
+    def __init__(self):
+        self.reported = {}
+
+    def report(self):
+        from torch._dynamo.utils import counters
+        new = {reason: count for reason, count in counters["graph_break"].items() if self.reported.get(reason) != count}
+        if new:
+            logger.warning("compiled blocks: %d graph break(s); these parts run eagerly:\n%s", sum(new.values()),
+                           "\n".join(f"  {count} x " + reason.replace("\n", "\n    ") for reason, count in new.items()))
+            self.reported.update(new)
+        return new
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1 and state.is_world_process_zero:
+            self.report()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.report()

@@ -41,7 +41,7 @@ from .data.conversation import ImageSettings
 from .data.dataset import ConversationDataset, ScanOptions, scan
 from .data.mixing import apply_weights, parse_sources
 from .data.records import RecordFile
-from .execution import apply_recompute, compile_blocks, upcast_trainable
+from .execution import GraphBreakReport, apply_recompute, compile_blocks, upcast_trainable
 from .generation_eval import GenerationMetrics, generation_samples
 from .model import configure_trainable, load_model, load_tokenizer, read_config, trainable_summary
 from .model_card import ModelCardCallback
@@ -173,6 +173,8 @@ def main(argv=None, build_model=load_model):
                                                     pad_to_multiple_of=plan.pad_to_multiple_of,
                                                     padding_free=plan.padding_free))
     trainer.add_callback(MemoryReport(plan.predicted_peak_gib))
+    if plan.compile_blocks:
+        trainer.add_callback(GraphBreakReport())
     trainer.add_callback(ModelCardCallback(model_args, data_args, tune_args, settings, datasets))  # README.md
     if plan.cuda_graphs and plan.micro_batch_size == 1:  # larger batches: shapes vary
         trainer.add_callback(CudaGraphRecording(trainer, plan.pad_to_multiple_of))

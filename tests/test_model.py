@@ -317,3 +317,28 @@ def test_tokenizer_loads_without_the_false_mistral_regex_warning_and_encodes_as_
     assert "incorrect regex pattern" not in logged.getvalue() and "another tokenizer warning" in logged.getvalue()
     for sample in conformance.expected["samples"].values():
         assert tokenizer(sample["text"], add_special_tokens=False).input_ids == sample["input_ids"]
+
+
+def test_a_graph_break_in_a_compiled_block_is_reported_once_with_its_reason(caplog):
+    """Where dynamo cannot trace a piece of a compiled block, that piece runs eagerly and the run says so (after
+    the first step), naming the reason; a break already reported is not repeated."""
+    import torch._dynamo
+    from finetune.execution import GraphBreakReport
+
+    def block(x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        return x + 1
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    report = GraphBreakReport()
+    assert report.report() == {}
+    torch.testing.assert_close(torch.compile(block, backend="eager")(torch.ones(3)), torch.full((3,), 3.0))
+    with caplog.at_level("WARNING", logger="finetune.execution"):
+        new = report.report()
+        assert report.report() == {}
+    reason = next(iter(new))
+    assert sum(new.values()) == 1 and "torch._dynamo.graph_break()" in reason
+    assert "1 graph break(s); these parts run eagerly:\n  1 x " + reason.splitlines()[0] in caplog.text
+    torch._dynamo.utils.counters.clear()
