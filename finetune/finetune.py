@@ -184,7 +184,10 @@ def main(argv=None, build_model=load_model):
     trainer.add_callback(stop)
     gc.collect()
     gc.freeze()  # the long-lived setup objects leave the collector's view: no multi-second full collections
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.restore_handlers()
     stop.exit_if_stopped(trainer)  # stopped on a signal: the checkpoint is saved, the final folder is not
     save_final(trainer, training_args.output_dir)
     if training_args.process_index == 0:

@@ -82,9 +82,16 @@ class StopOnSignal(TrainerCallback):
                            EXIT_STATUS)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.stopped_at is None:
+        self.restore_handlers()
+
+    def restore_handlers(self):
+        """Signals end the process again, unless it is stopping on one (the save must not be cut short). Also
+        after an error in training (which skips on_train_end): a process that fails to exit must still end on the
+        scheduler's or torchrun's SIGTERM."""
+        if self.stopped_at is None and self.previous_handlers:
             for sig, handler in self.previous_handlers.items():
                 signal.signal(sig, handler)
+            self.previous_handlers = None
 
     def exit_if_stopped(self, trainer):
         """After trainer.train(): exit with EXIT_STATUS once every rank is done, if the run stopped on a signal."""

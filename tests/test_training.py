@@ -334,6 +334,21 @@ def test_non_finite_loss_stops_with_step_and_samples(ckpt_dir, train_data, tmp_p
     assert (tmp_path / "o" / "checkpoint-1" / "trainer_state.json").exists()
 
 
+def test_a_run_that_fails_mid_training_ends_on_sigterm_again(ckpt_dir, train_data, tmp_path):
+    """While training, SIGTERM asks for a save at the step's end (finetune.preemption); after an error in training
+    the default handlers are back, so that a process stuck on its way out still ends on torchrun's SIGTERM."""
+    import signal
+
+    import finetune.finetune as entry
+    from finetune.trainer import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError):
+        entry.main(["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
+                    "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--max_steps", "4",
+                    "--learning_rate", "1e30", "--max_grad_norm", "0", "--tune_vision", "false",
+                    "--per_device_train_batch_size", "1", "--save_strategy", "no"])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
 def test_wrong_llm_type_bf16_moments_without_bf16_and_padding_flags_are_refused(ckpt_dir, train_data):
     base = ["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json")]
     out = run_finetune(base + ["--llm_type", "minicpm"])
