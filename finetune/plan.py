@@ -44,11 +44,19 @@ PER_TOKEN_LLM_RECOMPUTED_BLOCK = 13.6e3
 PER_PATCH_VISION_BLOCK = 35.8e3
 PER_PATCH_VISION_RECOMPUTED_BLOCK = 2.4e3
 PER_PATCH_RESAMPLER = 44.1e3
+# Eager blocks keep more of a trained vision block's intermediates than compiled ones: measured on an H200 (2026-12-03,
+# bench/RESULTS.md#qlora), LoRA with the vision tower trained, 4 samples of 37,152 patches per micro-batch, all blocks
+# recomputed: 2.0 GiB above the compiled-block figures, for bf16 and 4-bit base weights alike
+PER_PATCH_EAGER_VISION = 57.5e3
 # Speed: sustained fraction of the bf16 peak on the model's matrix work, and the cost of one micro-batch beyond it
 SUSTAINED_FRACTION = 0.43
 MICRO_BATCH_SECONDS = 0.035
 ZERO_SPEED = {0: 1.0, 1: 0.97, 2: 0.95, 3: 0.85}  # several GPUs: what each stage's communication costs
 OFFLOAD_SPEED = {"none": 1.0, "optimizer": 0.5, "optimizer+params": 0.3}
+# Measured against the compiled-block model's 5.7 samples/s on an H200 (2026-12-03, LoRA, vision tower trained, 4 x 4,
+# all blocks recomputed): eager blocks 4.65 samples/s, eager blocks with 4-bit base weights 4.26
+EAGER_SPEED = 0.82
+NF4_SPEED = 0.92
 BF16_DENSE_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12,
                    "A10G": 70e12, "L4": 121e12, "3090": 71e12}
 
@@ -214,8 +222,9 @@ def _recomputed(layers, modules, every_n, part):
     return math.ceil(layers / every_n), every_n == 1
 
 
-def activation_bytes(work, modules, every_n, tokens, patches):
-    """Activation bytes at the start of the backward pass (the peak) for a micro-batch of these tokens and patches."""
+def activation_bytes(work, modules, every_n, tokens, patches, compiled=True):
+    """Activation bytes at the start of the backward pass (the peak) for a micro-batch of these tokens and patches,
+    with compiled or eager blocks."""
     c = work.counts
     llm_recomputed, llm_last = _recomputed(c.llm_layers, modules, every_n, "llm")
     per_block = PER_TOKEN_LLM_BLOCK["lora" if work.use_lora else "plain"]
@@ -225,7 +234,7 @@ def activation_bytes(work, modules, every_n, tokens, patches):
     if work.tune_vision:
         vit_recomputed, _ = _recomputed(c.vision_layers, modules, every_n, "vision")
         vision = patches * ((c.vision_layers - vit_recomputed) * PER_PATCH_VISION_BLOCK
-                            + vit_recomputed * PER_PATCH_VISION_RECOMPUTED_BLOCK)
+                            + vit_recomputed * PER_PATCH_VISION_RECOMPUTED_BLOCK + (not compiled) * PER_PATCH_EAGER_VISION)
     resampler_trained = work.tune_resampler or work.tune_vision
     resampler = patches * PER_PATCH_RESAMPLER * (resampler_trained and modules not in ("resampler", "vision", "all"))
     return llm + vision + resampler
@@ -310,13 +319,14 @@ def make_plan(work, hw, fixed=None, budget_gib=None):
     budget = budget_gib * (1 - LIMIT_MARGIN) if budget_gib is not None else hw.memory_gib - HEADROOM_GIB
     global_batch, reasons = _global_batch(fixed, hw.gpus)
     per_gpu = global_batch // hw.gpus
+    compiled = _compiled_blocks(work, hw, fixed)
     shapes, candidates = data_shapes(work), []
     for zero, offload in _zero_choices(work, hw, fixed):
         for moments in _moment_choices(zero, hw, fixed):
             for modules, every_n in _recompute_choices(work, fixed):
                 for mbs in _micro_batches(per_gpu, fixed):
                     candidates.append(_evaluate(work, shapes, hw, zero, offload, moments, modules, every_n, mbs,
-                                                per_gpu))
+                                                per_gpu, compiled))
     fitting = [c for c in candidates if c["peak"] <= budget * GIB]
     pool = fitting or candidates
     if fitting:
@@ -325,10 +335,19 @@ def make_plan(work, hw, fixed=None, budget_gib=None):
                    key=lambda c: (c["moments"] != "float32", c["peak"]))  # bf16 moments only where needed
     else:
         best = min(pool, key=lambda c: c["peak"])
-    plan = _build(work, hw, fixed, best, budget, global_batch, per_gpu, bool(fitting), reasons)
+    plan = _build(work, hw, fixed, best, budget, global_batch, per_gpu, bool(fitting), reasons, compiled)
     if not fitting:
         plan.suggestions = _suggestions(work, hw, fixed, budget_gib, best)
     return plan
+
+
+def _compiled_blocks(work, hw, fixed):
+    """Compiled blocks on GPUs, but eager with 4-bit base weights: on an H200 (2026-12-03, bench/RESULTS.md#qlora)
+    compiled 4-bit blocks had not finished their first optimizer step after 5.7 minutes, eager ones ran 4.3
+    samples/s."""
+    if fixed.compile_blocks is not None:
+        return fixed.compile_blocks
+    return hw.gpu and work.quantization == "none"
 
 
 def _global_batch(fixed, gpus):
@@ -386,11 +405,12 @@ def _micro_batches(per_gpu, fixed):
     return _divisors(per_gpu)
 
 
-def _evaluate(work, shapes, hw, zero, offload, moments, modules, every_n, mbs, per_gpu):
+def _evaluate(work, shapes, hw, zero, offload, moments, modules, every_n, mbs, per_gpu, compiled):
     last = min(mbs, len(shapes["tokens"])) - 1
     tokens, patches = float(shapes["tokens"][last]), float(shapes["patches"][last])
     static = static_bytes(work, zero, offload, moments, hw.gpus, weight_bytes=2 if hw.bf16 else 4)
-    peak = static + max(activation_bytes(work, modules, every_n, tokens, patches), optimizer_step_bytes(work, zero))
+    peak = static + max(activation_bytes(work, modules, every_n, tokens, patches, compiled),
+                        optimizer_step_bytes(work, zero))
     mean_tokens, mean_patches = shapes["mean_tokens"], shapes["mean_patches"]
     per_sample = sample_seconds(work, hw, modules, every_n, mean_tokens, mean_patches)
     cuda_graphs = _cuda_graphs_pay(work, hw, zero, modules, mbs)
@@ -399,6 +419,7 @@ def _evaluate(work, shapes, hw, zero, offload, moments, modules, every_n, mbs, p
     per_micro_batch = MICRO_BATCH_SECONDS * (0.6 if cuda_graphs else 1.0)
     step = per_gpu * per_sample + (per_gpu // mbs) * per_micro_batch
     speed = per_gpu * hw.gpus / step * ZERO_SPEED[zero] * OFFLOAD_SPEED[offload]
+    speed *= (1.0 if compiled or not hw.gpu else EAGER_SPEED) * (NF4_SPEED if work.quantization == "nf4" else 1.0)
     speed *= 1.0 if moments == "float32" else 0.999  # the same speed: keep fp32 moments unless they do not fit
     return dict(zero=zero, offload=offload, moments=moments, modules=modules, every_n=every_n, mbs=mbs, peak=peak,
                 speed=speed, cuda_graphs=cuda_graphs)
@@ -411,13 +432,12 @@ def _cuda_graphs_pay(work, hw, zero, modules, mbs):
             and work.common_shapes_share >= 0.9 and work.quantization == "none")  # untested with 4-bit kernels
 
 
-def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons):
+def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons, compiled):
     mbs = best["mbs"]
     cuda_graphs = fixed.cuda_graphs if fixed.cuda_graphs is not None else best["cuda_graphs"]
     # padding-free on GPUs with bf16: flash attention's variable-length kernel (the CPU pads, like the tests)
     padding_free = fixed.padding_free if fixed.padding_free is not None else (hw.gpu and hw.bf16 and not cuda_graphs)
     pad = fixed.pad_to_multiple_of or (64 if cuda_graphs else 1)
-    compiled = fixed.compile_blocks if fixed.compile_blocks is not None else hw.gpu
     plan = Plan(micro_batch_size=mbs, gradient_accumulation_steps=per_gpu // mbs, recompute=best["modules"],
                 recompute_every_n_layers=best["every_n"], compile_blocks=compiled, padding_free=padding_free,
                 pad_to_multiple_of=pad, cuda_graphs=cuda_graphs, moments_dtype=best["moments"], zero_stage=best["zero"],
@@ -439,7 +459,8 @@ def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons):
         "float32" if best["moments"] == "float32" else f"bfloat16: 4 bytes less per trained parameter, {fitting}")
     reasons["batches"] = ("padding-free (samples concatenated, no compute on padding)" if padding_free else
                           f"padded to a multiple of {pad}")
-    reasons["compile"] = "compiled blocks" if compiled else "eager blocks"
+    reasons["compile"] = "compiled blocks" if compiled else "eager blocks" + (
+        ": 4-bit blocks compile too slowly" if fixed.compile_blocks is None and hw.gpu else "")
     if cuda_graphs:
         reasons["cuda graphs"] = "1 sample per step on one GPU: the host cannot launch kernels fast enough"
     return plan
