@@ -199,5 +199,7 @@ def main(argv=None, build_model=load_model):
 
 
 if __name__ == "__main__":
-    run(main)
-    distributed.finish()
+    try:
+        run(main)  # exits, with the run's status
+    finally:
+        distributed.finish()  # also after an error: NCCL's threads stopped, not left to hold the exit up
