@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import sys
+import traceback
 from functools import partial
 
 if not __package__:  # run as a script (python finetune/finetune.py, as with the official repo): run the module
@@ -186,6 +187,11 @@ def main(argv=None, build_model=load_model):
     gc.freeze()  # the long-lived setup objects leave the collector's view: no multi-second full collections
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except BaseException as error:
+        # The data loader's iterator, among the failed frames' locals, would live on with the traceback, its workers
+        # (which ignore SIGTERM: finetune.preemption) blocking the interpreter's exit: freed now, they are ended
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         stop.restore_handlers()
     stop.exit_if_stopped(trainer)  # stopped on a signal: the checkpoint is saved, the final folder is not

@@ -188,6 +188,22 @@ def test_signalled_zero_run_saves_every_rank_and_the_same_command_continues_it(s
     assert_same_weights(out, reference)
 
 
+def test_an_error_in_training_ends_the_process_though_its_loader_workers_ignore_sigterm(ckpt_dir, text_data, tmp_path):
+    """An error raised in training that no one catches (here the KeyboardInterrupt of `kill -INT` on the main
+    process; on a GPU, running out of memory) ends the process. The data loader's workers ignore SIGTERM (a
+    scheduler's signal must leave them running); the error's traceback kept them referenced, and the interpreter's
+    exit, which ends them with SIGTERM and waits, waited for ever."""
+    job = Run(common_args(ckpt_dir, text_data, tmp_path / "o") + [
+        "--max_steps", "500", "--per_device_train_batch_size", "1", "--dataloader_num_workers", "2"])
+    try:
+        job.wait_for(lambda: job.steps_logged() >= 1)
+        os.kill(job.proc.pid, signal.SIGINT)
+        assert job.finish(timeout=60) != 0 and "KeyboardInterrupt" in job.output
+    finally:
+        if job.proc.poll() is None:
+            job.signal(signal.SIGKILL)
+
+
 def test_the_same_command_continues_only_a_checkpoint_of_the_same_run(ckpt_dir, text_data, tmp_path):
     """The checkpoint a command continues from: the newest complete one whose run had the same model, data and
     training flags, whatever its logging, saving or data loader settings; another run's (other flags, a changed
