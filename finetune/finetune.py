@@ -18,7 +18,6 @@ import gc
 import logging
 import os
 import sys
-import traceback
 from functools import partial
 
 if not __package__:  # run as a script (python finetune/finetune.py, as with the official repo): run the module
@@ -185,15 +184,8 @@ def main(argv=None, build_model=load_model):
     trainer.add_callback(stop)
     gc.collect()
     gc.freeze()  # the long-lived setup objects leave the collector's view: no multi-second full collections
-    try:
+    with stop.training():
         trainer.train(resume_from_checkpoint=resume)
-    except BaseException as error:
-        # The data loader's iterator, among the failed frames' locals, would live on with the traceback, its workers
-        # (which ignore SIGTERM: finetune.preemption) blocking the interpreter's exit: freed now, they are ended
-        traceback.clear_frames(error.__traceback__)
-        raise
-    finally:
-        stop.restore_handlers()
     stop.exit_if_stopped(trainer)  # stopped on a signal: the checkpoint is saved, the final folder is not
     save_final(trainer, training_args.output_dir)
     if training_args.process_index == 0:

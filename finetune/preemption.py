@@ -11,9 +11,11 @@ small message between hosts without a GPU synchronisation (an all-reduce on the 
 result; checking only every few steps would add those steps to the time before the save). One process reads
 its own flag. The training data loader's worker processes ignore both signals (a scheduler signals every
 process of the job, and a loader worker that dies ends the run at once); their process stops them."""
+import contextlib
 import logging
 import os
 import signal
+import traceback
 from functools import partial
 
 import torch
@@ -85,13 +87,25 @@ class StopOnSignal(TrainerCallback):
         self.restore_handlers()
 
     def restore_handlers(self):
-        """Signals end the process again, unless it is stopping on one (the save must not be cut short). Also
-        after an error in training (which skips on_train_end): a process that fails to exit must still end on the
-        scheduler's or torchrun's SIGTERM."""
+        """Signals end the process again, unless it is stopping on one (the save must not be cut short)."""
         if self.stopped_at is None and self.previous_handlers:
             for sig, handler in self.previous_handlers.items():
                 signal.signal(sig, handler)
             self.previous_handlers = None
+
+    @contextlib.contextmanager
+    def training(self):
+        """Around trainer.train(): an error in training (which skips on_train_end) gives the signals back too, and
+        clears the failed frames. Their locals hold the data loader's iterator, which the traceback would keep
+        alive; the interpreter's exit would then end its workers with SIGTERM, which they ignore, and wait for ever.
+        Freed now, the iterator ends them."""
+        try:
+            yield
+        except BaseException as error:
+            traceback.clear_frames(error.__traceback__)
+            raise
+        finally:
+            self.restore_handlers()
 
     def exit_if_stopped(self, trainer):
         """After trainer.train(): exit with EXIT_STATUS once every rank is done, if the run stopped on a signal."""
