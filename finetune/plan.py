@@ -319,7 +319,7 @@ def make_plan(work, hw, fixed=None, budget_gib=None):
     budget = budget_gib * (1 - LIMIT_MARGIN) if budget_gib is not None else hw.memory_gib - HEADROOM_GIB
     global_batch, reasons = _global_batch(fixed, hw.gpus)
     per_gpu = global_batch // hw.gpus
-    compiled = _compiled_blocks(work, hw, fixed)
+    compiled, compile_reason = _compiled_blocks(work, hw, fixed)
     shapes, candidates = data_shapes(work), []
     for zero, offload in _zero_choices(work, hw, fixed):
         for moments in _moment_choices(zero, hw, fixed):
@@ -335,19 +335,22 @@ def make_plan(work, hw, fixed=None, budget_gib=None):
                    key=lambda c: (c["moments"] != "float32", c["peak"]))  # bf16 moments only where needed
     else:
         best = min(pool, key=lambda c: c["peak"])
-    plan = _build(work, hw, fixed, best, budget, global_batch, per_gpu, bool(fitting), reasons, compiled)
+    plan = _build(work, hw, fixed, best, budget, global_batch, per_gpu, bool(fitting), reasons, compiled,
+                  compile_reason)
     if not fitting:
         plan.suggestions = _suggestions(work, hw, fixed, budget_gib, best)
     return plan
 
 
 def _compiled_blocks(work, hw, fixed):
-    """Compiled blocks on GPUs, but eager with 4-bit base weights: on an H200 (2026-12-03, bench/RESULTS.md#qlora)
-    compiled 4-bit blocks had not finished their first optimizer step after 5.7 minutes, eager ones ran 4.3
-    samples/s."""
+    """Whether blocks are compiled, and why: on GPUs, but eager with 4-bit base weights (on an H200, 2026-12-03,
+    bench/RESULTS.md#qlora, compiled 4-bit blocks had not finished their first optimizer step after 5.7 minutes,
+    eager ones ran 4.3 samples/s)."""
     if fixed.compile_blocks is not None:
-        return fixed.compile_blocks
-    return hw.gpu and work.quantization == "none"
+        return fixed.compile_blocks, "compiled blocks" if fixed.compile_blocks else "eager blocks"
+    if hw.gpu and work.quantization != "none":
+        return False, "eager blocks: 4-bit blocks compile too slowly"
+    return hw.gpu, "compiled blocks" if hw.gpu else "eager blocks"
 
 
 def _global_batch(fixed, gpus):
@@ -432,7 +435,7 @@ def _cuda_graphs_pay(work, hw, zero, modules, mbs):
             and work.common_shapes_share >= 0.9 and work.quantization == "none")  # untested with 4-bit kernels
 
 
-def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons, compiled):
+def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons, compiled, compile_reason):
     mbs = best["mbs"]
     cuda_graphs = fixed.cuda_graphs if fixed.cuda_graphs is not None else best["cuda_graphs"]
     # padding-free on GPUs with bf16: flash attention's variable-length kernel (the CPU pads, like the tests)
@@ -459,8 +462,7 @@ def _build(work, hw, fixed, best, budget, global_batch, per_gpu, fits, reasons, 
         "float32" if best["moments"] == "float32" else f"bfloat16: 4 bytes less per trained parameter, {fitting}")
     reasons["batches"] = ("padding-free (samples concatenated, no compute on padding)" if padding_free else
                           f"padded to a multiple of {pad}")
-    reasons["compile"] = "compiled blocks" if compiled else "eager blocks" + (
-        ": 4-bit blocks compile too slowly" if fixed.compile_blocks is None and hw.gpu else "")
+    reasons["compile"] = compile_reason
     if cuda_graphs:
         reasons["cuda graphs"] = "1 sample per step on one GPU: the host cannot launch kernels fast enough"
     return plan
