@@ -3,7 +3,8 @@
 Batched generation for a base, full or LoRA checkpoint: greedy by default (what evaluation wants), beams or
 sampling on request; bf16 on a GPU, fp32 on CPU (the LLM's linear layers in 4 bits with --quantization nf4).
 Writes one JSON object per line, {"id", "source" (its data file), "prediction", "answer" (the sample's last
-assistant turn, when it has one), "type"}, flushed as it goes: a rerun skips samples already written. A sample that cannot be read or generated is written with its "error" and skipped.
+assistant turn, when it has one), "type"}, flushed as it goes: a rerun skips samples already written. A sample
+that cannot be read or generated is written with its "error" and skipped.
 
 How it keeps the GPU busy: images are sliced in DataLoader worker processes while the GPU generates; samples run
 longest prompt first, so a batch's prompts are about as long as each other (little padding, and an out-of-memory
