@@ -159,8 +159,8 @@ def main(argv=None, build_model=load_model):
     apply_recompute(model, plan.recompute, plan.recompute_every_n_layers, training_args.gradient_checkpointing_kwargs)
     if plan.compile_blocks:
         compile_blocks(model, plan.cuda_graphs)
-    if master_weights:
-        training_args.bf16 = False
+    if master_weights:  # the Trainer's accelerator autocasts by mixed_precision, set when the arguments were made
+        training_args.bf16, training_args.mixed_precision = False, "no"
     elif training_args.fp16 and not training_args.deepspeed:
         upcast_trainable(model)
     logger.info(trainable_summary(model))
