@@ -44,10 +44,10 @@ PER_TOKEN_LLM_RECOMPUTED_BLOCK = 13.6e3
 PER_PATCH_VISION_BLOCK = 35.8e3
 PER_PATCH_VISION_RECOMPUTED_BLOCK = 2.4e3
 PER_PATCH_RESAMPLER = 44.1e3
-# Eager blocks with the vision tower trained: measured on an H200 (2026-12-03, bench/RESULTS.md#qlora), LoRA, 4 samples
-# of 37,152 patches per micro-batch, all blocks recomputed, 2.0 GiB above the compiled-block figures for bf16 and 4-bit
-# base weights alike (which tensors hold it is not measured yet), counted per patch
-PER_PATCH_EAGER_VISION = 57.5e3
+# Eager blocks with the vision tower trained: what they keep beyond the compiled-block figures, per patch; fitted on an
+# H200 (2026-12-03, bench/RESULTS.md#qlora) to the 4-bit LoRA run with 2 samples of 18,576 patches per micro-batch and
+# all blocks recomputed (18.10 GiB). Runs still under autocast measured 57.5 kB (which tensors hold it: not measured)
+PER_PATCH_EAGER_VISION = 25e3
 # Speed: sustained fraction of the bf16 peak on the model's matrix work, and the cost of one micro-batch beyond it
 SUSTAINED_FRACTION = 0.43
 MICRO_BATCH_SECONDS = 0.035
