@@ -19,17 +19,20 @@ from pathlib import Path
 GIB = 2 ** 30
 OUR_CODE = ("finetune/", "replace_file/", "bench/", "peft/", "bitsandbytes/")
 HOOK = """import os
-if os.environ.get("LOCAL_RANK") is not None:  # torchrun's workers, not the launcher
+if os.environ.get("LOCAL_RANK") is not None and os.environ.get("OOM_SNAPSHOT"):  # torchrun's workers only
     import sys
     sys.path.insert(0, {bench!r})
     from oom_snapshot import install
-    install(os.environ["OOM_SNAPSHOT"])
+    install(os.environ.pop("OOM_SNAPSHOT"))  # popped: the worker's own subprocesses (compilers) do not record
 """
 
 
 def install(path):
-    """Record allocations in this process; at its first out-of-memory error, pickle the snapshot to `path`."""
+    """Record allocations in this process; at its first out-of-memory error, pickle the snapshot to `path` (rank 0)
+    or `path.rankN`."""
     import torch
+    rank = os.environ.get("RANK", "0")
+    path = path if rank == "0" else f"{path}.rank{rank}"
     torch.cuda.memory._record_memory_history(max_entries=100000)
     saved = []
 
@@ -58,7 +61,8 @@ def where(frames, depth=3):
 
 
 def summarize(path, groups=45, largest=12):
-    snapshot = pickle.load(open(path, "rb"))
+    with open(path, "rb") as f:
+        snapshot = pickle.load(f)
     segments = snapshot["segments"]
     blocks = [b for s in segments for b in s["blocks"] if b["state"] == "active_allocated"]
     print(f"reserved {sum(s['total_size'] for s in segments) / GIB:.3f} GiB in {len(segments)} segments")
@@ -78,7 +82,7 @@ def summarize(path, groups=45, largest=12):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="action", required=True)
-    recording = commands.add_parser("record", help="run a command, saving the snapshot at its first out-of-memory error")
+    recording = commands.add_parser("record", help="run a command; save a snapshot at its first out-of-memory error")
     recording.add_argument("snapshot")
     recording.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command")
     commands.add_parser("summarize", help="what was allocated, grouped by line").add_argument("snapshot")

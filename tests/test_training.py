@@ -215,21 +215,27 @@ def test_bf16_lora_without_deepspeed_keeps_bf16_moments_and_resumes(train_data, 
 def test_bf16_run_without_deepspeed_computes_in_bf16_without_autocast(train_data, ckpt_dir, tmp_path, monkeypatch):
     """bf16 without DeepSpeed: the model is bf16 and the optimizer keeps fp32 masters, so nothing autocasts (autocast
     would keep layer norms' outputs, the resampler's largest activations among them, in fp32)."""
+    import gc
+
     import finetune.finetune as entry
     seen = []
 
     class ProbedTrainer(entry.MiniCPMVTrainer):  # the Trainer's accelerator would autocast inside the model's forward
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            embeddings = self.model.get_input_embeddings()
-            embeddings.register_forward_pre_hook(lambda module, inputs: seen.append(torch.is_autocast_enabled("cpu")))
+            self.model.get_input_embeddings().register_forward_pre_hook(
+                lambda module, inputs: seen.append((module.weight.dtype, torch.is_autocast_enabled("cpu"))))
 
     monkeypatch.setattr(entry, "MiniCPMVTrainer", ProbedTrainer)
-    entry.main(["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
-                "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--use_cpu", "true", "--bf16", "true",
-                "--use_lora", "true", "--lora_r", "2", "--max_steps", "1", "--dataloader_num_workers", "0",
-                "--save_strategy", "no"])
-    assert seen and not any(seen)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what the run sets on a machine without a GPU: undone after the test
+    try:
+        entry.main(["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
+                    "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--use_cpu", "true", "--bf16", "true",
+                    "--use_lora", "true", "--lora_r", "2", "--max_steps", "1", "--dataloader_num_workers", "0",
+                    "--save_strategy", "no"])
+    finally:
+        gc.unfreeze()  # main() froze the collector's view of its objects
+    assert seen and set(seen) == {(torch.bfloat16, False)}
 
 
 def test_same_seed_same_lora_run(train_data, ckpt_dir, tmp_path):
