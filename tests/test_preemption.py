@@ -193,8 +193,14 @@ def test_an_error_in_training_ends_the_process_though_its_loader_workers_ignore_
     process; on a GPU, running out of memory) ends the process. The data loader's workers ignore SIGTERM (a
     scheduler's signal must leave them running); the error's traceback kept them referenced, and the interpreter's
     exit, which ends them with SIGTERM and waits, waited for ever."""
-    job = Run(common_args(ckpt_dir, text_data, tmp_path / "o") + [
-        "--max_steps", "500", "--per_device_train_batch_size", "1", "--dataloader_num_workers", "2"])
+    # A process started in the background ignores SIGINT, and so would the run: with a handler here, it starts with
+    # the default (Python's KeyboardInterrupt), whatever started the tests
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        job = Run(common_args(ckpt_dir, text_data, tmp_path / "o") + [
+            "--max_steps", "500", "--per_device_train_batch_size", "1", "--dataloader_num_workers", "2"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         job.wait_for(lambda: job.steps_logged() >= 1)
         os.kill(job.proc.pid, signal.SIGINT)
