@@ -54,7 +54,7 @@ MICRO_BATCH_SECONDS = 0.035
 ZERO_SPEED = {0: 1.0, 1: 0.97, 2: 0.95, 3: 0.85}  # several GPUs: what each stage's communication costs
 OFFLOAD_SPEED = {"none": 1.0, "optimizer": 0.5, "optimizer+params": 0.3}
 # Measured against the compiled-block model's 5.7 samples/s on an H200 (2026-12-03, LoRA, vision tower trained, 4 x 4,
-# all blocks recomputed): eager blocks 4.65 samples/s, eager blocks with 4-bit base weights 4.26
+# all blocks recomputed, both runs still under autocast): eager blocks 4.65 samples/s, with 4-bit base weights 4.26
 EAGER_SPEED = 0.82
 NF4_SPEED = 0.92
 BF16_DENSE_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12,

@@ -18,6 +18,19 @@ from replace_file.tokenization_minicpmv_fast import INFERENCE_CHAT_TEMPLATE, TRA
 from .conftest import DEEPSPEED_ARGS, REPO, one_process_env, torchrun, zero3_config
 
 
+@pytest.fixture
+def entry(monkeypatch):
+    """finetune.finetune, for tests that run its main() in this process: what main() sets for the whole process is
+    undone after the test (DeepSpeed's accelerator on a machine without a GPU, the collector's frozen objects)."""
+    import gc
+
+    import finetune.finetune
+    monkeypatch.setenv("DS_ACCELERATOR", "")  # records whether it was set; the delenv leaves it unset for the run
+    monkeypatch.delenv("DS_ACCELERATOR")
+    yield finetune.finetune
+    gc.unfreeze()
+
+
 def changed_parameters(folder, ckpt_dir):
     trained, base = load_model(folder, dtype=torch.float32), load_model(ckpt_dir, dtype=torch.float32)
     base_params = dict(base.named_parameters())
@@ -212,12 +225,10 @@ def test_bf16_lora_without_deepspeed_keeps_bf16_moments_and_resumes(train_data, 
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
 
 
-def test_bf16_run_without_deepspeed_computes_in_bf16_without_autocast(train_data, ckpt_dir, tmp_path, monkeypatch):
+def test_bf16_run_without_deepspeed_computes_in_bf16_without_autocast(train_data, ckpt_dir, tmp_path, monkeypatch,
+                                                                      entry):
     """bf16 without DeepSpeed: the model is bf16 and the optimizer keeps fp32 masters, so nothing autocasts (autocast
     would keep layer norms' outputs, the resampler's largest activations among them, in fp32)."""
-    import gc
-
-    import finetune.finetune as entry
     seen = []
 
     class ProbedTrainer(entry.MiniCPMVTrainer):  # the Trainer's accelerator would autocast inside the model's forward
@@ -227,14 +238,10 @@ def test_bf16_run_without_deepspeed_computes_in_bf16_without_autocast(train_data
                 lambda module, inputs: seen.append((module.weight.dtype, torch.is_autocast_enabled("cpu"))))
 
     monkeypatch.setattr(entry, "MiniCPMVTrainer", ProbedTrainer)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what the run sets on a machine without a GPU: undone after the test
-    try:
-        entry.main(["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
-                    "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--use_cpu", "true", "--bf16", "true",
-                    "--use_lora", "true", "--lora_r", "2", "--max_steps", "1", "--dataloader_num_workers", "0",
-                    "--save_strategy", "no"])
-    finally:
-        gc.unfreeze()  # main() froze the collector's view of its objects
+    entry.main(["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
+                "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--use_cpu", "true", "--bf16", "true",
+                "--use_lora", "true", "--lora_r", "2", "--max_steps", "1", "--dataloader_num_workers", "0",
+                "--save_strategy", "no"])
     assert seen and set(seen) == {(torch.bfloat16, False)}
 
 
@@ -265,14 +272,13 @@ def test_padding_free_run_logs_the_padded_runs_losses(train_data, ckpt_dir, tmp_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_are_recorded_before_the_first_step(train_data, ckpt_dir, tmp_path, monkeypatch):
+def test_cuda_graphs_are_recorded_before_the_first_step(train_data, ckpt_dir, tmp_path, monkeypatch, entry):
     """--cuda_graphs, one sample per step: every batch shape of the data is recorded before the first step, with
     the weights left as they were and no gradient kept, so that the steps only replay graphs."""
     import torch._dynamo
     import torch._inductor.config
     from transformers import TrainerCallback
 
-    import finetune.finetune as entry
     events, enter = [], torch.cuda.graph.__enter__
 
     def capture(graph):  # inductor records every CUDA graph inside `with torch.cuda.graph(...)`
@@ -360,12 +366,11 @@ def test_non_finite_loss_stops_with_step_and_samples(ckpt_dir, train_data, tmp_p
     assert (tmp_path / "o" / "checkpoint-1" / "trainer_state.json").exists()
 
 
-def test_a_run_that_fails_mid_training_ends_on_sigterm_again(ckpt_dir, train_data, tmp_path):
+def test_a_run_that_fails_mid_training_ends_on_sigterm_again(ckpt_dir, train_data, tmp_path, entry):
     """While training, SIGTERM asks for a save at the step's end (finetune.preemption); after an error in training
     the default handlers are back, so that a process stuck on its way out still ends on torchrun's SIGTERM."""
     import signal
 
-    import finetune.finetune as entry
     from finetune.trainer import NonFiniteLossError
     with pytest.raises(NonFiniteLossError):
         entry.main(["--model_name_or_path", str(ckpt_dir), "--data_path", str(train_data / "train.json"),
