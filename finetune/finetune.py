@@ -149,9 +149,8 @@ def main(argv=None, build_model=load_model):
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     set_seed(training_args.seed)  # the new LoRA weights are drawn before the Trainer would seed
-    attn_implementation = model_args.attn_implementation
-    if plan.padding_free and attn_implementation == "sdpa":
-        attn_implementation = SDPA_VARLEN  # SDPA, and flash's variable-length kernel for concatenated samples
+    # SDPA, and flash's variable-length kernel for concatenated samples and generation metrics' decoding
+    attn_implementation = SDPA_VARLEN if model_args.attn_implementation == "sdpa" else model_args.attn_implementation
     model = build_model(path, dtype=dtype, attn_implementation=attn_implementation, quantization=tune_args.quantization)
     record_slicing(model, settings)
     model.config.use_cache = False

@@ -6,6 +6,7 @@ import os
 import torch
 
 from replace_file import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
+from replace_file.modeling_minicpmv import SDPA_VARLEN
 from replace_file.tokenization_minicpmv_fast import SPECIAL_TOKENS
 
 from .cli import UserError
@@ -45,7 +46,7 @@ def default_dtype():
     return torch.float32
 
 
-def load_model(path, dtype=None, device=None, attn_implementation="sdpa", config=None, quantization=None):
+def load_model(path, dtype=None, device=None, attn_implementation=SDPA_VARLEN, config=None, quantization=None):
     """The model in `dtype` (default bf16 on a GPU that has it, else fp32), strictly loaded; `config` (default:
     the folder's) replaces the folder's config. `quantization` "nf4": the LLM's linear layers quantized to 4 bits
     as they load (finetune.quantization), computing in `dtype`; such a model is placed as it loads, on `device`
@@ -89,7 +90,7 @@ def is_lora_folder(path):
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-def load_any(path, base=None, dtype=None, device=None, attn_implementation="sdpa", quantization=None):
+def load_any(path, base=None, dtype=None, device=None, attn_implementation=SDPA_VARLEN, quantization=None):
     """A base or full checkpoint, or a LoRA adapter folder on its base (`base`, else the path recorded in
     adapter_config.json), the base's LLM in 4 bits with `quantization="nf4"`. Returns (model, tokenizer); the
     tokenizer and the config (the slicing training used) come from the adapter folder when it has them."""

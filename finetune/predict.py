@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from replace_file.image_processing_minicpmv import pack_pixel_strips, slice_plan
-from replace_file.modeling_minicpmv import decode_answer
+from replace_file.modeling_minicpmv import SDPA_VARLEN, decode_answer
 from replace_file.tokenization_minicpmv_fast import ASSISTANT_HEADER
 
 from .cli import Parser, input_file, model_folder, output_file, run
@@ -33,6 +33,7 @@ from .quantization import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 BATCH_SIZE = 128  # halved automatically where it does not fit
+VISION_PATCHES_PER_PASS = 32768  # ~32 strips of a full-size layout: large matrix products, ~3 GB of activations
 
 
 def prompt_example(record, index, records, tokenizer, settings):
@@ -103,19 +104,59 @@ def prompt_length(item, settings):
 
 
 @torch.inference_mode()
-def generate_answers(model, tokenizer, examples, **generate_kwargs):
-    """Answers for a batch: each prompt embedded on its own (its images through the vision tower alone), then
-    left-padded and generated together."""
+def prompt_embeddings(model, examples, patches_per_pass=VISION_PATCHES_PER_PASS):
+    """Each example's prompt as embeddings [T, hidden]. The vision tower attends to the padding of the strips it is
+    given up to the widest, so each sample's strips (padded to its own widest, as chat() encodes them) go through it
+    only with strips of that same width: other samples' images of the same layout, a pass at most
+    `patches_per_pass` patches (at least one sample). An answer never depends on the batch the sample is in."""
     device = model.device
-    embeds = [model.get_llm_embedding(ex["input_ids"][None].to(device, non_blocking=True),
-                                      None if ex["pixel_values"] is None else ex["pixel_values"].to(device, non_blocking=True),
-                                      ex["tgt_sizes"], [ex["image_bound"]])[0] for ex in examples]
-    width = max(len(e) for e in embeds)
-    inputs = embeds[0].new_zeros(len(embeds), width, embeds[0].shape[-1])
-    mask = torch.zeros(len(embeds), width, dtype=torch.long, device=device)
-    for b, e in enumerate(embeds):
-        inputs[b, width - len(e):], mask[b, width - len(e):] = e, 1
-    outputs = model.generate(inputs_embeds=inputs, attention_mask=mask, tokenizer=tokenizer, **generate_kwargs)
+    features = [None] * len(examples)
+    by_width = {}
+    for k, ex in enumerate(examples):
+        if ex["pixel_values"] is not None:
+            by_width.setdefault(ex["pixel_values"].shape[-1], []).append(k)
+    for width, members in by_width.items():
+        patches = width // model.config.patch_size
+        while members:
+            taken = 1
+            while taken < len(members) and \
+                    sum(len(examples[k]["pixel_values"]) for k in members[:taken + 1]) * patches <= patches_per_pass:
+                taken += 1
+            group, members = members[:taken], members[taken:]
+            pixels = torch.cat([examples[k]["pixel_values"] for k in group]).to(device, non_blocking=True)
+            out = model.get_vision_embedding(pixels, torch.cat([examples[k]["tgt_sizes"] for k in group]))
+            for k, part in zip(group, out.split([len(examples[k]["pixel_values"]) for k in group])):
+                features[k] = part
+    embed = model.get_input_embeddings()
+    prompts = []
+    for ex, feature in zip(examples, features):
+        tokens = embed(ex["input_ids"][None].to(device, non_blocking=True))
+        prompts.append((tokens if feature is None else model.place_image_features(tokens, feature, [ex["image_bound"]]))[0])
+    return prompts
+
+
+def is_greedy(generate_kwargs):
+    """Settings that mean plain greedy decoding of at most max_new_tokens: what generate_greedy does."""
+    plain = {"max_new_tokens": None, "num_beams": 1, "do_sample": False, "repetition_penalty": 1.0}
+    return "max_new_tokens" in generate_kwargs and generate_kwargs.keys() <= plain.keys() and \
+        all(generate_kwargs.get(k, v) == v for k, v in plain.items() if v is not None)
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, examples, **generate_kwargs):
+    """Answers for a batch: greedy ones through the model's padding-free generate_greedy; beams and sampling through
+    generate(), the prompts left-padded."""
+    prompts = prompt_embeddings(model, examples)
+    eos = [tokenizer.eos_token_id, tokenizer.eot_id]
+    if is_greedy(generate_kwargs) and model.config._attn_implementation == SDPA_VARLEN:
+        outputs = model.generate_greedy(prompts, generate_kwargs["max_new_tokens"], eos)
+    else:
+        width = max(len(p) for p in prompts)
+        inputs = prompts[0].new_zeros(len(prompts), width, prompts[0].shape[-1])
+        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=model.device)
+        for b, p in enumerate(prompts):
+            inputs[b, width - len(p):], mask[b, width - len(p):] = p, 1
+        outputs = model.generate(inputs_embeds=inputs, attention_mask=mask, tokenizer=tokenizer, **generate_kwargs)
     return [decode_answer(ids, tokenizer) for ids in outputs.cpu()]
 
 

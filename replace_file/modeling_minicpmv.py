@@ -9,6 +9,9 @@ are the strip's columns bucketed into 70 and padded patches are attended to.
 computes the loss from the hidden states of supervised positions only, never materialising full logits. It also
 takes padding-free batches: samples concatenated in one row, with position ids restarting per sample and
 transformers' `cu_seq_lens_q`/`max_length_q` keywords marking the boundaries (attention "sdpa_varlen", below).
+
+`generate_greedy` decodes a batch of prompts without padding: prompts concatenated, keys and values in a
+`GenerationCache` that gives each sequence a slot of its own, one new token per sequence a step.
 """
 import json
 import warnings
@@ -50,12 +53,15 @@ SDPA_VARLEN = "sdpa_varlen"
 
 
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                          cu_seq_lens_q=None, max_length_q=None, **kwargs):
+                          cu_seq_lens_q=None, max_length_q=None, kv_cache=None, **kwargs):
     """SDPA, except for padding-free batches on the GPU: there the samples concatenated in one row (boundaries in
     `cu_seq_lens_q`) go through flash attention's variable-length kernel, each attending causally within itself.
     Elsewhere SDPA applies the block-causal mask transformers builds from the restarting position ids: the same
-    math. Registered as attn_implementation SDPA_VARLEN (with SDPA's masks for every other batch)."""
-    if cu_seq_lens_q is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+    math. Given a `kv_cache` (generate_greedy), attention goes through it. Registered as attn_implementation
+    SDPA_VARLEN (with SDPA's masks for every other batch)."""
+    if kv_cache is not None:
+        return kv_cache.attend(module, query, key, value, scaling)
+    if cu_seq_lens_q is None or not _flash_can_run(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     # [1, heads, tokens, dim] -> [tokens, heads, dim]; key and value keep their fewer heads (grouped-query)
@@ -67,6 +73,73 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
 
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
 AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)
+
+
+def _flash_can_run(query):
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+
+
+class GenerationCache:
+    """Keys and values of a batch of sequences being generated, in flash attention's variable-length layout: per
+    layer [rows, kv heads, head dim], each sequence in a slot of its own rows (its prompt and its new tokens), so
+    that prompts need no padding and a decoding step reads each sequence's own keys only.
+
+    Before each forward, `add_prompts` or `add_step` says where that forward's tokens (one packed row) go; every
+    layer's `attend` then writes its keys and values there and attends over its sequences' filled rows."""
+
+    def __init__(self, config, prompt_lengths, max_new_tokens, device, dtype):
+        capacity = torch.tensor(prompt_lengths) + max_new_tokens
+        self.starts = F.pad(capacity.cumsum(0), (1, 0)).to(device, torch.int32)  # slot i: rows starts[i]..starts[i+1]
+        self.lengths = torch.zeros(len(prompt_lengths), dtype=torch.int32, device=device)  # rows filled per slot
+        self.prompt_lengths, self.longest = prompt_lengths, 0
+        shape = (config.num_hidden_layers, int(capacity.sum()), config.num_key_value_heads,
+                 getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+
+    def add_prompts(self, first, last):
+        """The next forward holds the prompts of sequences first..last-1, concatenated; returns their position ids."""
+        lengths = torch.tensor(self.prompt_lengths[first:last])
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(self.starts.device)
+        self.rows = positions + torch.repeat_interleave(self.starts[first:last].long(), lengths.to(self.starts.device))
+        self.cu_q = F.pad(lengths.cumsum(0), (1, 0)).to(self.starts.device, torch.int32)
+        self.cu_k, self.max_q = self.starts[first:last + 1], int(lengths.max())
+        self.lengths[first:last] = lengths.to(self.lengths.device, torch.int32)
+        self.used, self.longest = self.lengths[first:last], max(self.longest, self.max_q)
+        return positions[None]
+
+    def add_step(self):
+        """The next forward holds one new token of every sequence; returns their position ids (no host sync)."""
+        positions = self.lengths.long()
+        self.rows = (self.starts[:-1] + self.lengths).long()
+        self.lengths += 1
+        self.cu_q = torch.arange(len(self.lengths) + 1, dtype=torch.int32, device=self.lengths.device)
+        self.cu_k, self.max_q, self.used, self.longest = self.starts, 1, self.lengths, self.longest + 1
+        return positions[None]
+
+    @torch.compiler.disable  # in compiled blocks: the same graph for every layer, whose cache this picks
+    def attend(self, layer, query, key, value, scaling):
+        """query/key/value [1, heads, tokens, dim] of the current forward -> ([1, tokens, heads, dim], None)."""
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        keys, values = self.keys[layer.layer_idx], self.values[layer.layer_idx]
+        keys.index_copy_(0, self.rows, k.to(keys.dtype))
+        values.index_copy_(0, self.rows, v.to(values.dtype))
+        if _flash_can_run(q):
+            out = torch.ops.aten._flash_attention_forward(q, keys, values, self.cu_q, self.cu_k, self.max_q,
+                                                          self.longest, 0.0, True, False, scale=scaling,
+                                                          seqused_k=self.used)[0]
+            return out[None], None
+        # elsewhere (CPU, fp32): SDPA per sequence, its new tokens attending causally to its filled rows
+        outs = []
+        for q_from, q_to, start, used in zip(self.cu_q[:-1].tolist(), self.cu_q[1:].tolist(), self.cu_k.tolist(),
+                                             self.used.tolist()):
+            n = q_to - q_from
+            mask = torch.ones(n, used, dtype=torch.bool, device=q.device).tril(used - n)
+            outs.append(F.scaled_dot_product_attention(
+                q[q_from:q_to].transpose(0, 1), keys[start:start + used].transpose(0, 1),
+                values[start:start + used].transpose(0, 1), attn_mask=mask, scale=scaling,
+                enable_gqa=True).transpose(0, 1))
+        return torch.cat(outs)[None], None
 
 
 class StripVisionEmbeddings(Idefics2VisionEmbeddings):
@@ -171,7 +244,12 @@ class MiniCPMV(PreTrainedModel):
             if self.training:
                 embeds = embeds + 0 * self._dummy_vision_feature(input_ids.device).sum()
             return embeds
-        features = self.get_vision_embedding(pixel_values.to(input_ids.device), tgt_sizes)
+        return self.place_image_features(embeds, self.get_vision_embedding(pixel_values.to(input_ids.device), tgt_sizes),
+                                         image_bound)
+
+    def place_image_features(self, embeds, features, image_bound):
+        """[B, T, hidden] token embeddings with the [N, query_num, hidden] image features written over the spans of
+        `image_bound` (per sample, [images, 2] start/end), in order."""
         rows, cols = [], []
         for b, bounds in enumerate(image_bound):
             for start, end in bounds.tolist():
@@ -227,6 +305,51 @@ class MiniCPMV(PreTrainedModel):
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer,
                                      **generate_kwargs)
+
+    @torch.inference_mode()
+    def generate_greedy(self, prompts, max_new_tokens, eos_token_id, pad_token_id=0, prompt_tokens_per_pass=16384):
+        """Greedy decoding of a batch of prompts given as embeddings ([T_i, hidden] each, from get_llm_embedding):
+        generate()'s greedy answers, without padding. The prompts go through the LLM concatenated (at most
+        `prompt_tokens_per_pass` tokens a pass, beyond one prompt), then every sequence gets one new token a step,
+        attending to its own keys in a GenerationCache (flash attention's variable-length kernel on the GPU).
+        Needs attn_implementation SDPA_VARLEN. Returns [batch, steps] new token ids, `pad_token_id` after a
+        sequence's eos, as generate() returns them."""
+        if self.config._attn_implementation != SDPA_VARLEN:
+            raise ValueError(f"generate_greedy needs attn_implementation={SDPA_VARLEN!r}, "
+                             f"not {self.config._attn_implementation!r}")
+        lengths = [len(p) for p in prompts]
+        cache = GenerationCache(self.llm.config, lengths, max_new_tokens, prompts[0].device, prompts[0].dtype)
+        first_tokens, first = [], 0
+        while first < len(prompts):
+            last = first + 1
+            while last < len(prompts) and sum(lengths[first:last + 1]) <= prompt_tokens_per_pass:
+                last += 1
+            hidden = self._llm_hidden(torch.cat(prompts[first:last])[None], cache.add_prompts(first, last), cache)
+            ends = torch.tensor(lengths[first:last]).cumsum(0) - 1
+            first_tokens.append(self.llm.lm_head(hidden[0, ends.to(hidden.device)]).argmax(-1))
+            first = last
+        tokens = torch.cat(first_tokens)
+        eos = torch.tensor(eos_token_id, device=tokens.device).reshape(-1)
+        done, out = torch.isin(tokens, eos), [tokens]
+        for step in range(1, max_new_tokens):
+            if step % 8 == 0 and bool(done.all()):  # checked now and then: each check waits for the GPU
+                break
+            positions = cache.add_step()
+            hidden = self._llm_hidden(self.get_input_embeddings()(tokens)[None], positions, cache)
+            tokens = self.llm.lm_head(hidden[0]).argmax(-1).masked_fill(done, pad_token_id)
+            done |= torch.isin(tokens, eos)
+            out.append(tokens)
+        return torch.stack(out, dim=1)
+
+    def _llm_hidden(self, embeds, position_ids, cache):
+        """The LLM's final hidden states for one packed row [1, T, hidden], attention through `cache`. The decoder
+        blocks are called directly: the model's forward would first build a [T, T] mask, 13 GB for 115k tokens."""
+        llm = self.llm.model
+        position_embeddings = llm.rotary_emb(embeds, position_ids=position_ids)
+        hidden = embeds
+        for layer in llm.layers[:llm.config.num_hidden_layers]:
+            hidden = layer(hidden, position_embeddings=position_embeddings, position_ids=position_ids, kv_cache=cache)
+        return llm.norm(hidden)
 
     def build_chat_inputs(self, msgs, tokenizer, image=None, max_inp_length=2048, system_prompt="",
                           max_slice_nums=None):

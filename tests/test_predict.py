@@ -6,8 +6,9 @@ import torch
 
 from finetune import predict as predict_module
 from finetune.data.collator import collate
+from finetune.data.conversation import ImageSettings
 from finetune.evaluate import main as evaluate_cli
-from finetune.predict import predict
+from finetune.predict import Prompts, predict, prompt_embeddings, read_samples
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +21,54 @@ def rows_of(path):
     return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-def test_default_predictions_are_the_one_by_one_answers(model, tokenizer, samples, encode, tmp_path):
+def trailing_pad_removed(ids):
+    ids = ids.tolist()
+    while ids and ids[-1] == 0:
+        ids.pop()
+    return ids
+
+
+def test_greedy_generation_without_padding_gives_generates_token_ids(model, tokenizer, samples, tmp_path):
+    """generate_greedy on the six prompts at once, in passes of at most 700 prompt tokens, against generate() on each
+    prompt alone; an eos that one answer reaches early, so sequences stop at different steps."""
     data = tmp_path / "test.json"
     data.write_text(json.dumps(samples))
+    dataset = Prompts(read_samples(str(data)), tokenizer, ImageSettings.from_config(model.config), torch.float32)
+    prompts = prompt_embeddings(model, [example for _, example in dataset])
+    eos = [int(model.generate(inputs_embeds=prompts[1][None], max_new_tokens=3, tokenizer=tokenizer)[0, 2]),
+           tokenizer.eot_id]
+    together = model.generate_greedy(prompts, 10, eos, prompt_tokens_per_pass=700)
+    alone = [model.generate(inputs_embeds=p[None], max_new_tokens=10, eos_token_id=eos, pad_token_id=0)[0]
+             for p in prompts]
+    assert [trailing_pad_removed(ids) for ids in together] == [trailing_pad_removed(ids) for ids in alone]
+    assert sorted(len(trailing_pad_removed(ids)) for ids in alone)[:2] == [3, 10]  # one stopped at the eos, one ran on
+    assert len({len(p) for p in prompts}) == 6 and sum(len(p) for p in prompts) > 2 * 700  # several passes
+
+
+def test_default_predictions_are_the_one_by_one_answers(model, tokenizer, samples, encode, tmp_path):
+    """Also with a second sample on the 1920x1080 page, whose strips go through the vision tower with the first's."""
+    data = tmp_path / "test.json"
+    page = next(s for s in samples if s["id"] == "guienv_bbox2text")
+    second = dict(page, id="guienv_bbox2text_again", conversations=[
+        dict(page["conversations"][0], content=page["conversations"][0]["content"].replace("<box>", "<box> ")),
+        page["conversations"][1]])
+    data.write_text(json.dumps(samples + [second]))
     # the plain path: one sample at a time, in file order, in the main process
     predict(model, tokenizer, str(data), str(tmp_path / "plain.jsonl"), batch_size=1, progress=False, num_workers=0,
             max_new_tokens=8)
-    # the defaults (all six in one batch, longest first), with an image worker
-    predict(model, tokenizer, str(data), str(tmp_path / "fast.jsonl"), progress=False, num_workers=1, max_new_tokens=8)
+    # the defaults (all seven in one batch, longest first), with an image worker
+    vision_passes = []
+    hook = model.vpm.register_forward_hook(lambda module, args, out: vision_passes.append(len(args[0])))
+    try:
+        predict(model, tokenizer, str(data), str(tmp_path / "fast.jsonl"), progress=False, num_workers=1,
+                max_new_tokens=8)
+    finally:
+        hook.remove()
     plain, fast = rows_of(tmp_path / "plain.jsonl"), rows_of(tmp_path / "fast.jsonl")
     assert {k: r["prediction"] for k, r in fast.items()} == {k: r["prediction"] for k, r in plain.items()}
-    assert len(fast) == 6 and all(r["source"] == str(data) for r in fast.values())
+    assert len(fast) == 7 and all(r["source"] == str(data) for r in fast.values())
+    # 5 vision passes for 7 samples' 40 strips: the two pages' 2 x (1 + 8) together, two others of one width too
+    assert sorted(vision_passes) == [1, 1, 8, 12, 18]
     # --max_slice_nums 1: the 1920x1080 page is one unit instead of nine, so its prompt and answer change
     predict(model, tokenizer, str(data), str(tmp_path / "one_slice.jsonl"), progress=False, max_slice_nums=1,
             max_new_tokens=8)
