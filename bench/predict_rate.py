@@ -12,7 +12,8 @@ tokens), timed after a warm-up call (first kernels, cuBLAS plans), on fresh outp
 - generate()'s path, all samples (the model's attention set to plain SDPA, which predict then decodes through);
 - one sample at a time in the main process on the first 16 (no batch at all).
 Then one batch of 128 in parts (GPU synchronised between them): image strips to prompt embeddings, prompts through
-the LLM (one new token), decoding the rest; with --profile, torch.profiler's table of that batch's GPU kernels.
+the LLM (one new token), decoding the rest (also without the CUDA graph of a step, and whether its token ids are the
+graph's); with --profile, torch.profiler's table of that batch's GPU kernels.
 Answers are compared with the defaults' for the same samples: exactly, and where they differ, the first differing
 character. Prints each run as it ends and one JSON object at the end (also written to --json).
 """
@@ -88,10 +89,13 @@ def batch_parts(model, tokenizer, data, profile=None):
     eos = [tokenizer.eos_token_id, tokenizer.eot_id]
     prompts, vision = timed(lambda: prompt_embeddings(model, examples))
     _, prefill = timed(lambda: model.generate_greedy(prompts, 1, eos))
-    _, whole = timed(lambda: model.generate_greedy(prompts, MAX_NEW_TOKENS, eos))
+    graphed, whole = timed(lambda: model.generate_greedy(prompts, MAX_NEW_TOKENS, eos))
+    launched, whole_launched = timed(lambda: model.generate_greedy(prompts, MAX_NEW_TOKENS, eos, cuda_graph=False))
     parts = {"samples": len(examples), "prompt_tokens": sum(len(p) for p in prompts), "embed_prompts_s": vision,
              "llm_prompts_s": prefill, "decode_s": round(whole - prefill, 3),
-             "decode_ms_per_step": round(1000 * (whole - prefill) / (MAX_NEW_TOKENS - 1), 1)}
+             "decode_ms_per_step": round(1000 * (whole - prefill) / (MAX_NEW_TOKENS - 1), 1),
+             "decode_ms_per_step_without_cuda_graph": round(1000 * (whole_launched - prefill) / (MAX_NEW_TOKENS - 1), 1),
+             "cuda_graph_token_ids_identical": bool(torch.equal(graphed, launched))}
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -6,12 +6,14 @@ Writes one JSON object per line, {"id", "source" (its data file), "prediction", 
 assistant turn, when it has one), "type"}, flushed as it goes: a rerun skips samples already written. A sample
 that cannot be read or generated is written with its "error" and skipped.
 
-How it keeps the GPU busy: images are sliced in DataLoader worker processes while the GPU generates; samples run
-longest prompt first, so a batch's prompts are about as long as each other (little padding, and an out-of-memory
-shows at the start); a batch that does not fit in GPU memory is halved, and later batches keep the size that fitted.
-Each sample's images go through the vision tower on their own, as chat() encodes them, so an answer never depends on
-the batch the sample is in (the vision tower attends to the padding of the strips it is given together).
+How it keeps the GPU busy: images are sliced in DataLoader worker processes, and every 16 samples that arrive go
+through the vision tower at once (strips of one width together), so the GPU encodes while the workers slice the rest
+of the batch; samples run longest prompt first, and a batch that does not fit in GPU memory is halved (later batches
+keep the size that fitted). Greedy answers come from the model's generate_greedy: prompts concatenated without
+padding, each sequence decoding from its own slot of the cache, the decoding steps replayed as one CUDA graph. Each
+sample's computation is its own (no padding it attends to, no neighbour), so its answer does not depend on its batch.
 """
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ from .quantization import QUANTIZATIONS
 logger = logging.getLogger(__name__)
 BATCH_SIZE = 128  # halved automatically where it does not fit
 VISION_PATCHES_PER_PASS = 32768  # ~32 strips of a full-size layout: large matrix products, ~3 GB of activations
+EMBED_AHEAD = 16  # samples whose images are encoded as soon as they arrive, before the rest of their batch
 
 
 def prompt_example(record, index, records, tokenizer, settings):
@@ -123,7 +126,9 @@ def prompt_embeddings(model, examples, patches_per_pass=VISION_PATCHES_PER_PASS)
                     sum(len(examples[k]["pixel_values"]) for k in members[:taken + 1]) * patches <= patches_per_pass:
                 taken += 1
             group, members = members[:taken], members[taken:]
-            pixels = torch.cat([examples[k]["pixel_values"] for k in group]).to(device, non_blocking=True)
+            # each sample's pinned strips copied on their own: a copy of one concatenation on the host would come
+            # from unpinned memory, and wait for the GPU to finish what is queued before it
+            pixels = torch.cat([examples[k]["pixel_values"].to(device, non_blocking=True) for k in group])
             out = model.get_vision_embedding(pixels, torch.cat([examples[k]["tgt_sizes"] for k in group]))
             for k, part in zip(group, out.split([len(examples[k]["pixel_values"]) for k in group])):
                 features[k] = part
@@ -142,11 +147,19 @@ def is_greedy(generate_kwargs):
         all(generate_kwargs.get(k, v) == v for k, v in plain.items() if v is not None)
 
 
+def add_prompt_embeddings(model, examples):
+    """Gives each example without one its prompt embeddings ("prompt")."""
+    missing = [ex for ex in examples if "prompt" not in ex]
+    for ex, prompt in zip(missing, prompt_embeddings(model, missing)):
+        ex["prompt"] = prompt
+
+
 @torch.inference_mode()
 def generate_answers(model, tokenizer, examples, **generate_kwargs):
     """Answers for a batch: greedy ones through the model's padding-free generate_greedy; beams and sampling through
     generate(), the prompts left-padded."""
-    prompts = prompt_embeddings(model, examples)
+    add_prompt_embeddings(model, examples)
+    prompts = [ex["prompt"] for ex in examples]
     eos = [tokenizer.eos_token_id, tokenizer.eot_id]
     if is_greedy(generate_kwargs) and model.config._attn_implementation == SDPA_VARLEN:
         outputs = model.generate_greedy(prompts, generate_kwargs["max_new_tokens"], eos)
@@ -206,10 +219,18 @@ def predict_rows(model, tokenizer, items, batch_size=BATCH_SIZE, num_workers=Non
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          prefetch_factor=-(-batch_size // workers) + 1 if workers else None,
                                          pin_memory=base.device.type == "cuda")
-    fits, batch = [batch_size], []
-    for k, item in enumerate(loader, 1):
-        batch.append(item)
-        if len(batch) == batch_size or k == len(dataset):
+    fits, batch, unembedded = [batch_size], [], []
+    for k, (row, example) in enumerate(loader, 1):
+        batch.append((row, example))
+        unembedded += [example] if example is not None else []
+        last = len(batch) == batch_size or k == len(dataset)
+        if len(unembedded) == EMBED_AHEAD or last:
+            # the GPU encodes these images while the workers slice the next ones (the calls return before the GPU
+            # is done); a failure is met again in generate_rows, which finds the sample that causes it
+            with contextlib.suppress(Exception):
+                add_prompt_embeddings(base, unembedded)
+            unembedded = []
+        if last:
             ready = [(row, ex) for row, ex in batch if ex is not None]
             yield [row for row, ex in batch if ex is None] + generate_rows(base, tokenizer, ready, generate_kwargs, fits)
             batch = []
