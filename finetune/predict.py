@@ -89,7 +89,7 @@ class Prompts(torch.utils.data.Dataset):
         except Exception as e:  # one bad sample never stops the run
             return dict(row, error=f"{type(e).__name__}: {e}"), None
         strips = example.pop("pixel_values")
-        example["pixel_values"] = pack_pixel_strips(strips).to(self.dtype) if strips else None
+        example["pixel_values"] = pack_pixel_strips(strips, self.dtype) if strips else None
         return row, example
 
 
