@@ -8,7 +8,11 @@ generate() on the same batches (left-padded prompts, transformers' decoding loop
 Data: ../shared/bench/make_bench_data.py --n 256 --seed 1234 (half 1280x720, half 1920x1080 screenshots). Every run
 is a whole predict() call with --max_new_tokens 32 (random weights never stop early, so each sample decodes all 32
 tokens), timed after a warm-up call (first kernels, cuBLAS plans), on fresh output files:
-- defaults, all samples; the same with one new token (vision and prefill alone: the rest is decoding);
+- defaults, all samples, twice (the first full-size batches meet first-time costs the 8-sample warm-up did not);
+  the same with one new token (vision and prefill alone: the rest is decoding);
+- defaults on the same samples with their screenshots resized to assorted sizes (common phone, laptop and desktop
+  screens, and random ones), as real data has them; the same with the vision tower's attention through cuDNN (SDPA's
+  own choice on Hopper, predict's until 2026-12-04), which builds a plan for each new shape;
 - generate()'s path, all samples (the model's attention set to plain SDPA, which predict then decodes through);
 - one sample at a time in the main process on the first 16 (no batch at all).
 Then one batch of 128 in parts (GPU synchronised between them): image strips to prompt embeddings, prompts through
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -28,16 +33,34 @@ from pathlib import Path
 
 import torch
 import transformers
+from PIL import Image
+from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train_throughput import random_model  # noqa: E402
 from finetune.model import load_tokenizer  # noqa: E402
 from finetune.official_format import reference_model_dir  # noqa: E402
 from finetune.data.conversation import ImageSettings  # noqa: E402
-from finetune.predict import BATCH_SIZE, Prompts, predict, prompt_embeddings, read_samples  # noqa: E402
+import finetune.predict  # noqa: E402
+from finetune.predict import BATCH_SIZE, VISION_ATTENTION, Prompts, predict, prompt_embeddings, read_samples  # noqa: E402
 from replace_file.modeling_minicpmv import SDPA_VARLEN  # noqa: E402
 
 MAX_NEW_TOKENS = 32
+SCREENS = [(1080, 2400), (1170, 2532), (1440, 3200), (720, 1600), (1366, 768), (1440, 900), (1536, 864), (1920, 1080),
+           (2560, 1440), (1280, 800), (2048, 1536), (1280, 720), (3840, 2160), (1600, 900)]
+
+
+def assorted_sizes(samples, folder):
+    """The samples with each screenshot resized to another size: every other one a common screen, the rest random
+    (600-2600 x 400-2600), so that vision passes rarely repeat a shape."""
+    rng, out = random.Random(0), []
+    (folder / "assorted").mkdir()
+    for k, sample in enumerate(samples):
+        size = rng.choice(SCREENS) if k % 2 else (rng.randint(600, 2600), rng.randint(400, 2600))
+        path = folder / "assorted" / f"{k:05d}.png"
+        Image.open(sample["image"]).convert("RGB").resize(size).save(path)
+        out.append(dict(sample, image=str(path)))
+    return out
 
 
 def timed_run(model, tokenizer, data, out, **settings):
@@ -121,6 +144,7 @@ def main():
         return str(path)
 
     data, first16, warm = subset("all", samples), subset("first16", samples[:16]), subset("warm", samples[-8:])
+    assorted = subset("assorted", assorted_sizes(samples, folder))
     reference = reference_model_dir()
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -129,15 +153,20 @@ def main():
     print(f"model built and warmed up in {time.perf_counter() - started:.0f} s", flush=True)
 
     runs, answers = {}, {}
-    plan = [("defaults", data, {}, SDPA_VARLEN),
-            ("defaults_1_new_token", data, {"max_new_tokens": 1}, SDPA_VARLEN),
-            ("generate_path", data, {}, "sdpa"),
-            ("one_by_one", first16, {"batch_size": 1, "num_workers": 0}, SDPA_VARLEN)]
-    for name, part, settings, attention in plan:
+    cudnn_first = [SDPBackend.CUDNN_ATTENTION] + VISION_ATTENTION
+    plan = [("defaults", data, {}, SDPA_VARLEN, VISION_ATTENTION),
+            ("defaults_again", data, {}, SDPA_VARLEN, VISION_ATTENTION),
+            ("defaults_1_new_token", data, {"max_new_tokens": 1}, SDPA_VARLEN, VISION_ATTENTION),
+            ("assorted_sizes", assorted, {}, SDPA_VARLEN, VISION_ATTENTION),
+            ("assorted_sizes_vision_cudnn", assorted, {}, SDPA_VARLEN, cudnn_first),
+            ("generate_path", data, {}, "sdpa", VISION_ATTENTION),
+            ("one_by_one", first16, {"batch_size": 1, "num_workers": 0}, SDPA_VARLEN, VISION_ATTENTION)]
+    for name, part, settings, attention, vision_attention in plan:
         model.config._attn_implementation = attention  # the LLM's config: "sdpa" sends greedy decoding to generate()
+        finetune.predict.VISION_ATTENTION = vision_attention
         runs[name], answers[name] = timed_run(model, tokenizer, part, str(folder / f"{name}.jsonl"), **settings)
         print(name, json.dumps(runs[name]), flush=True)
-    model.config._attn_implementation = SDPA_VARLEN
+    model.config._attn_implementation, finetune.predict.VISION_ATTENTION = SDPA_VARLEN, VISION_ATTENTION
     parts = batch_parts(model, tokenizer, data, args.profile)
     print("one batch in parts", json.dumps(parts), flush=True)
     result = {
@@ -148,7 +177,9 @@ def main():
         "runs": runs, "one_batch_in_parts": parts,
         "decoding_share_of_default_time": round(1 - runs["defaults_1_new_token"]["seconds"] / runs["defaults"]["seconds"], 3),
         "answers_vs_defaults": {name: agreement(answers["defaults"], answers[name])
-                                for name in ("generate_path", "one_by_one")},
+                                for name in ("defaults_again", "generate_path", "one_by_one")},
+        "assorted_sizes_vision_cudnn_vs_assorted_sizes": agreement(answers["assorted_sizes"],
+                                                                   answers["assorted_sizes_vision_cudnn"]),
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -11,7 +11,8 @@ through the vision tower at once (strips of one width together), so the GPU enco
 of the batch; samples run longest prompt first, and a batch that does not fit in GPU memory is halved (later batches
 keep the size that fitted). Greedy answers come from the model's generate_greedy: prompts concatenated without
 padding, each sequence decoding from its own slot of the cache, the decoding steps replayed as one CUDA graph. Each
-sample's computation is its own (no padding it attends to, no neighbour), so its answer does not depend on its batch.
+sample's computation is its own (no padding it attends to, no neighbour): its answer does not depend on its batch,
+beyond rounding (on a GPU, matrix products pick their kernels by size).
 """
 import contextlib
 import json
@@ -19,6 +20,7 @@ import logging
 import os
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from replace_file.image_processing_minicpmv import pack_pixel_strips, slice_plan
@@ -37,6 +39,10 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 128  # halved automatically where it does not fit
 VISION_PATCHES_PER_PASS = 32768  # ~32 strips of a full-size layout: large matrix products, ~3 GB of activations
 EMBED_AHEAD = 16  # samples whose images are encoded as soon as they arrive, before the rest of their batch
+# Not cuDNN's attention (SDPA's first choice on Hopper): it builds a plan for every new shape, ~40 ms each, and with
+# screenshots of assorted sizes nearly every vision pass has a new one (H200, 256 such samples: 23.4 s with cuDNN,
+# 14.1 s once its plans existed, 14.3 s with these, which need no plan)
+VISION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def prompt_example(record, index, records, tokenizer, settings):
@@ -129,7 +135,8 @@ def prompt_embeddings(model, examples, patches_per_pass=VISION_PATCHES_PER_PASS)
             # each sample's pinned strips copied on their own: a copy of one concatenation on the host would come
             # from unpinned memory, and wait for the GPU to finish what is queued before it
             pixels = torch.cat([examples[k]["pixel_values"].to(device, non_blocking=True) for k in group])
-            out = model.get_vision_embedding(pixels, torch.cat([examples[k]["tgt_sizes"] for k in group]))
+            with sdpa_kernel(VISION_ATTENTION):
+                out = model.get_vision_embedding(pixels, torch.cat([examples[k]["tgt_sizes"] for k in group]))
             for k, part in zip(group, out.split([len(examples[k]["pixel_values"]) for k in group])):
                 features[k] = part
     embed = model.get_input_embeddings()
