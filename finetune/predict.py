@@ -40,8 +40,8 @@ BATCH_SIZE = 128  # halved automatically where it does not fit
 VISION_PATCHES_PER_PASS = 32768  # ~32 strips of a full-size layout: large matrix products, ~3 GB of activations
 EMBED_AHEAD = 16  # samples whose images are encoded as soon as they arrive, before the rest of their batch
 # Not cuDNN's attention (SDPA's first choice on Hopper): it builds a plan for every new shape, ~40 ms each, and with
-# screenshots of assorted sizes nearly every vision pass has a new one (H200, 256 such samples: 23.4 s with cuDNN,
-# 14.1 s once its plans existed, 14.3 s with these, which need no plan)
+# screenshots of assorted sizes nearly every vision pass has a new one (H200, 256 such samples: 25.5 s with cuDNN,
+# 15.5 s with these, which need no plan; bench/RESULTS.md)
 VISION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
