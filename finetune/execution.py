@@ -50,6 +50,11 @@ def compile_blocks(model, cuda_graphs=False):
         from .cuda_graphs import enable_cuda_graphs
         enable_cuda_graphs()
     blocks = (LlamaDecoderLayer, Idefics2EncoderLayer)
+    # recent transformers (5.25) wraps the attention's forward in one that sets and restores a global (the `kernels`
+    # package's function routing): inside a recomputed block dynamo refuses that side effect and breaks the graph.
+    # Not replaying it in the backward is harmless, as the forward restores it on the way out.
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     zero3 = is_deepspeed_zero3_enabled()
     if zero3:  # ZeRO-3's parameter hooks do not trace (graph breaks, then recompiles until dynamo gives up):
         from deepspeed.utils import set_z3_leaf_modules
