@@ -117,7 +117,7 @@ def prompt_embeddings(model, examples, patches_per_pass=VISION_PATCHES_PER_PASS)
     """Each example's prompt as embeddings [T, hidden]. The vision tower attends to the padding of the strips it is
     given up to the widest, so each sample's strips (padded to its own widest, as chat() encodes them) go through it
     only with strips of that same width: other samples' images of the same layout, a pass at most
-    `patches_per_pass` patches (at least one sample). An answer never depends on the batch the sample is in."""
+    `patches_per_pass` patches (at least one sample): the batch a sample is in changes its answer by rounding at most."""
     device = model.device
     features = [None] * len(examples)
     by_width = {}
@@ -166,7 +166,7 @@ def generate_answers(model, tokenizer, examples, **generate_kwargs):
     """Answers for a batch: greedy ones through the model's padding-free generate_greedy; beams and sampling through
     generate(), the prompts left-padded."""
     add_prompt_embeddings(model, examples)
-    prompts = [ex["prompt"] for ex in examples]
+    prompts = [ex.pop("prompt") for ex in examples]  # held no longer than this batch (or a halved retry) needs
     eos = [tokenizer.eos_token_id, tokenizer.eot_id]
     if is_greedy(generate_kwargs) and model.config._attn_implementation == SDPA_VARLEN:
         outputs = model.generate_greedy(prompts, generate_kwargs["max_new_tokens"], eos)

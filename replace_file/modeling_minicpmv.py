@@ -13,6 +13,7 @@ transformers' `cu_seq_lens_q`/`max_length_q` keywords marking the boundaries (at
 `generate_greedy` decodes a batch of prompts without padding: prompts concatenated, keys and values in a
 `GenerationCache` that gives each sequence a slot of its own, one new token per sequence a step.
 """
+import contextlib
 import json
 import warnings
 from copy import deepcopy
@@ -316,8 +317,8 @@ class MiniCPMV(PreTrainedModel):
         """Greedy decoding of a batch of prompts given as embeddings ([T_i, hidden] each, from get_llm_embedding):
         generate()'s greedy answers, without padding. The prompts go through the LLM concatenated (at most
         `prompt_tokens_per_pass` tokens a pass, beyond one prompt), then every sequence gets one new token a step,
-        attending to its own keys in a GenerationCache (flash attention's variable-length kernel on the GPU). On the
-        GPU the steps after the first replay a CUDA graph of one step (`cuda_graph`): launching a step's ~600 kernels
+        attending to its own keys in a GenerationCache (flash attention's variable-length kernel on the GPU). There
+        the steps after the first replay a CUDA graph of one step (`cuda_graph`): launching a step's ~600 kernels
         one by one takes the host several times as long as the GPU needs to run them. Needs attn_implementation
         SDPA_VARLEN. Returns [batch, steps] new token ids, `pad_token_id` after a sequence's eos, as generate()
         returns them."""
@@ -344,9 +345,8 @@ class MiniCPMV(PreTrainedModel):
                 break
             if graph is not None:
                 graph.replay()
-            elif cuda_graph and tokens.is_cuda and step > 1:  # after one step run directly (lazy initialisations)
-                graph = _captured(lambda: self._greedy_step(cache, tokens, done, eos, pad_token_id))
-                graph.replay()
+            elif cuda_graph and _flash_can_run(prompts[0]):  # (elsewhere the cache's attention reads the host)
+                graph = _run_and_capture(lambda: self._greedy_step(cache, tokens, done, eos, pad_token_id))
             else:
                 self._greedy_step(cache, tokens, done, eos, pad_token_id)
             out.append(tokens.clone())
@@ -431,16 +431,27 @@ class MiniCPMV(PreTrainedModel):
         return decode_answer(self.generate(**inputs, **gen)[0], tokenizer)
 
 
-def _captured(step):
-    """A CUDA graph of `step` (recorded on a side stream, as CUDA requires; the work is not run)."""
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+_capture_streams = {}  # one per device: every new stream would get, and keep, a cuBLAS workspace of its own
+
+
+def _run_and_capture(step):
+    """Runs `step`, then records it as a CUDA graph (not run), both on a side stream, as CUDA requires. The run first
+    makes the step's lazy allocations (cuBLAS's workspace for that stream, ...), which must not land in the graph."""
+    device = torch.cuda.current_device()
+    if device not in _capture_streams:
+        _capture_streams[device] = torch.cuda.Stream()
+    stream, graph = _capture_streams[device], torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        step()
         graph.capture_begin(capture_error_mode="thread_local")  # other threads (pinning images) keep allocating
         try:
             step()
-        finally:
-            graph.capture_end()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the capture is void; its own error would hide the step's
+                graph.capture_end()
+            raise
+        graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
     return graph
 
