@@ -229,7 +229,8 @@ def predict_rows(model, tokenizer, items, batch_size=BATCH_SIZE, num_workers=Non
     fits, batch, unembedded = [batch_size], [], []
     for k, (row, example) in enumerate(loader, 1):
         batch.append((row, example))
-        unembedded += [example] if example is not None else []
+        if example is not None:
+            unembedded.append(example)
         last = len(batch) == batch_size or k == len(dataset)
         if len(unembedded) == EMBED_AHEAD or last:
             # the GPU encodes these images while the workers slice the next ones (the calls return before the GPU

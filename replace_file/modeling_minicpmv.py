@@ -431,16 +431,16 @@ class MiniCPMV(PreTrainedModel):
         return decode_answer(self.generate(**inputs, **gen)[0], tokenizer)
 
 
-_capture_streams = {}  # one per device: every new stream would get, and keep, a cuBLAS workspace of its own
+@lru_cache(maxsize=None)
+def _capture_stream(device):
+    """One side stream per device: every new stream would get, and keep, a cuBLAS workspace of its own."""
+    return torch.cuda.Stream(device)
 
 
 def _run_and_capture(step):
     """Runs `step`, then records it as a CUDA graph (not run), both on a side stream, as CUDA requires. The run first
     makes the step's lazy allocations (cuBLAS's workspace for that stream, ...), which must not land in the graph."""
-    device = torch.cuda.current_device()
-    if device not in _capture_streams:
-        _capture_streams[device] = torch.cuda.Stream()
-    stream, graph = _capture_streams[device], torch.cuda.CUDAGraph()
+    stream, graph = _capture_stream(torch.cuda.current_device()), torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()
