@@ -38,6 +38,7 @@ from .tokenization_minicpmv_fast import MiniCPMVTokenizerFast, PreTrainedTokeniz
 
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached: a tensor made under inference mode could not be saved by a later backward
 def _strip_position_ids(rows, cols, num_patches_per_side, device):
     """Position ids of a rows x cols patch grid exactly as transformers 4.40's Idefics2 computed them (later
     releases compute the fractional coordinates differently, e.g. in the pixel dtype)."""

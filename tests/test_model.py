@@ -92,6 +92,18 @@ def test_padding_free_batch_matches_the_padded_batch(ckpt_dir, batch, encode, co
     assert one_sequence.item() != pytest.approx(loss, rel=1e-3)
 
 
+def test_a_vision_tower_trained_after_inference_on_the_same_image_shapes_still_backpropagates(ckpt_dir, batch):
+    """Evaluation during training (and chat) encode images under inference mode; the image position ids cached then
+    must still serve the training steps after it, whose trained position embedding saves them for the backward."""
+    from replace_file.modeling_minicpmv import _strip_position_ids
+    _strip_position_ids.cache_clear()  # as in a fresh process, whatever ran before
+    model = load_model(ckpt_dir, dtype=torch.float32, attn_implementation=SDPA_VARLEN).train()
+    with torch.inference_mode():
+        model.get_vision_embedding(batch["pixel_values"], batch["tgt_sizes"])
+    loss, grads = _gradients(model, batch)
+    assert "vpm.embeddings.position_embedding.weight" in grads and loss > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs a GPU")
 def test_padding_free_on_a_gpu_runs_flash_varlen_compiled_without_recompiles(ckpt_dir, batch, encode, conformance):
     """On the GPU (bf16) the concatenated samples go through flash attention's variable-length kernel: the padded
