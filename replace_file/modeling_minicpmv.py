@@ -23,12 +23,14 @@ from threading import Thread
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from transformers import AttentionInterface, LlamaForCausalLM, PreTrainedModel, TextIteratorStreamer
 from transformers import initialization as init
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_minicpm import MiniCPMVConfig
 from .image_processing_minicpmv import image_bounds, pack_pixel_strips, process_image
@@ -146,17 +148,44 @@ class GenerationCache:
         return torch.cat(outs)[None], None
 
 
+class PatchEmbedding(nn.Conv2d):
+    """The patch convolution (stride = kernel, no padding) as one matrix product: [N, C, H, W] pixels ->
+    [N, patches, out] row by row, the layout the blocks take. cuDNN builds a plan for every new input shape
+    (~28 ms at its first call on an H200, and strips come in many widths) and runs this convolution in 1.04 ms
+    against the matrix product's 0.26 ms (32 strips of 1024 patches); the weights keep the checkpoint's layout."""
+
+    def forward(self, pixels):
+        n, c, h, w = pixels.shape
+        p = self.kernel_size[0]
+        patches = pixels.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * p * p)
+        return F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)
+
+
 class StripVisionEmbeddings(Idefics2VisionEmbeddings):
     """Idefics2 patch + position embeddings for the official all-true patch mask: every image of the batch
     gets the position ids of the whole (1 x longest strip) grid, as in the released model."""
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.patch_embedding = PatchEmbedding(config.num_channels, self.embed_dim, self.patch_size, self.patch_size)
+
     def forward(self, pixel_values):
-        # contiguous: the transposed conv output would otherwise carry its layout through every block, each
-        # elementwise op striding across it (measured on an H200: 3.3 s -> 2.8 s for 128 samples' strips)
-        embeddings = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2).contiguous()
+        embeddings = self.patch_embedding(pixel_values)
         rows, cols = (side // self.patch_size for side in pixel_values.shape[2:])
         position_ids = _strip_position_ids(rows, cols, self.num_patches_per_side, embeddings.device)
         return embeddings + self.position_embedding(position_ids)[None]
+
+
+class FusedRMSNorm(LlamaRMSNorm):
+    """Llama's RMSNorm in one kernel (torch's fused rms_norm on the GPU) instead of six passes over the hidden
+    states: 2.95 -> 2.66 s for 128 prompts' 108,920 tokens through the LLM on an H200. The same math; in bf16 the
+    weight multiplies before the one rounding to bf16 instead of after a first (outputs differ by one bf16 unit at
+    most; identical in fp32)."""
+
+    def forward(self, hidden_states):
+        if hidden_states.dtype != self.weight.dtype:  # e.g. norms kept in fp32 for 4-bit training: Llama's math
+            return super().forward(hidden_states)
+        return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
 class StripVisionTransformer(Idefics2VisionTransformer):
@@ -189,6 +218,9 @@ class MiniCPMV(PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.llm = LlamaForCausalLM(config)
+        for name, module in list(self.llm.named_modules()):
+            if type(module) is LlamaRMSNorm:
+                self.llm.set_submodule(name, FusedRMSNorm(module.weight.shape[0], module.variance_epsilon))
         vision_config = config.vision_config
         vision_config._attn_implementation = config._attn_implementation
         self.vpm = StripVisionTransformer(vision_config)

@@ -306,6 +306,34 @@ def test_vision_tower_refuses_a_patch_mask(model, batch):
         model.vpm(pixels, patch_attention_mask=torch.ones(1, 1, pixels.shape[-1] // 14, dtype=torch.bool))
 
 
+def test_patch_embedding_as_a_matrix_product_equals_the_checkpoints_convolution(model, batch):
+    """The checkpoint's patch convolution, run as a matrix product, gives the convolution's patches in row-major
+    order: on the batch's strips and on a grid of several patch rows."""
+    patch = model.vpm.embeddings.patch_embedding
+    pixels = batch["pixel_values"][:2]
+    grid = torch.randn(2, 3, 3 * 14, 5 * 14)
+    for x in (pixels, grid):
+        expected = F.conv2d(x, patch.weight, patch.bias, stride=14).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(patch(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llm_norms_run_fused_with_llamas_math(model):
+    """Llama's RMSNorm through torch's fused rms_norm: the same values in fp32; a weight in another dtype than the
+    hidden states (norms kept in fp32 under bf16 autocast) gets Llama's own math and result dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norms = [m for m in model.llm.modules() if isinstance(m, LlamaRMSNorm)]
+    assert len(norms) == model.config.num_hidden_layers * 2 + 1 and all(type(m) is not LlamaRMSNorm for m in norms)
+    norm = norms[0]
+    reference = LlamaRMSNorm(norm.weight.shape[0], norm.variance_epsilon)
+    reference.weight.data.copy_(torch.rand_like(norm.weight) + 0.5)
+    norm = type(norm)(norm.weight.shape[0], norm.variance_epsilon)
+    norm.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 7, norm.weight.shape[0]) * 4
+    torch.testing.assert_close(norm(x), reference(x), rtol=1e-6, atol=1e-6)
+    mixed = norm(x.bfloat16())
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, reference(x.bfloat16()))
+
+
 def test_tokenizer_loads_without_the_false_mistral_regex_warning_and_encodes_as_official(conformance, tmp_path):
     """transformers 5.17-5.22 warn of "an incorrect regex pattern" that "will lead to incorrect tokenization" for
     a tokenizer whose config.json has no transformers_version, as the folders official_format writes: false for
