@@ -7,8 +7,10 @@ generate() on the same batches (left-padded prompts, transformers' decoding loop
 
 Data: ../shared/bench/make_bench_data.py --n 256 --seed 1234 (half 1280x720, half 1920x1080 screenshots). Every run
 is a whole predict() call with --max_new_tokens 32 (random weights never stop early, so each sample decodes all 32
-tokens), timed after a warm-up call (first kernels, cuBLAS plans), on fresh output files:
-- defaults, all samples, twice (the first full-size batches meet first-time costs the 8-sample warm-up did not);
+tokens), with the allocator setting of predict's command line, timed after a warm-up call (first kernels, cuBLAS
+plans), on fresh output files:
+- defaults, all samples, twice (the first full-size batches meet first-time costs the 8-sample warm-up did not,
+  mostly pinned host memory for the images in flight);
   the same with one new token (vision and prefill alone: the rest is decoding);
 - defaults on the same samples with their screenshots resized to assorted sizes (common phone, laptop and desktop
   screens, and random ones), as real data has them; the same with the vision tower's attention through cuDNN (SDPA's
