@@ -167,7 +167,9 @@ class StripVisionEmbeddings(Idefics2VisionEmbeddings):
 
     def __init__(self, config):
         super().__init__(config)
-        self.patch_embedding = PatchEmbedding(config.num_channels, self.embed_dim, self.patch_size, self.patch_size)
+        # the convolution Idefics2 made, as is (a second one would draw other random initial weights for every
+        # module after it: the embedded demo's model would change)
+        self.patch_embedding.__class__ = PatchEmbedding
 
     def forward(self, pixel_values):
         embeddings = self.patch_embedding(pixel_values)
@@ -218,9 +220,9 @@ class MiniCPMV(PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.llm = LlamaForCausalLM(config)
-        for name, module in list(self.llm.named_modules()):
+        for module in self.llm.modules():
             if type(module) is LlamaRMSNorm:
-                self.llm.set_submodule(name, FusedRMSNorm(module.weight.shape[0], module.variance_epsilon))
+                module.__class__ = FusedRMSNorm  # its own weight (partitioned under ZeRO-3), computed in one kernel
         vision_config = config.vision_config
         vision_config._attn_implementation = config._attn_implementation
         self.vpm = StripVisionTransformer(vision_config)
