@@ -21,13 +21,15 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the launch scripts set it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from finetune.cli import CUDA_ALLOC_CONF  # noqa: E402
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)  # as the entry points and launch scripts set it
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune import finetune as entry  # noqa: E402
 from finetune.checkpoint import save_final  # noqa: E402
 from finetune.model import load_model  # noqa: E402
